@@ -1,0 +1,153 @@
+"""``rlkd measure-alignment``: how well checkpoints reproduce the teacher's top-k order.
+
+For each checkpoint (any Hugging Face causal LM folder that shares the teacher's tokenizer) and the
+teacher, over the response positions of a dataset split: CR@k (ordered top-k lists identical),
+OR@k (top-k overlap / k), top-1 agreement (= CR@1), the checkpoint's and the teacher's perplexity of
+the reference tokens, and CR/OR split by how multi-modal the teacher is at the position. Prints a
+rich table (one row per checkpoint) and writes ``alignment.json`` in the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from rlkd_cli import dataset as data_mod
+from rlkd_cli import metrics as metrics_mod
+from rlkd_cli import models
+from rlkd_cli.config import validate_ks
+from rlkd_cli.engine import choose_device_and_precision, resolve_tokenizer, shift_for_next_token
+from rlkd_cli.errors import RlkdError, require
+from rlkd_cli.io import atomic_write_json, ensure_writable_dir
+
+log = logging.getLogger("rlkd.alignment")
+
+
+def _same_tokenizer(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return float(-(picked * mask).sum())
+
+
+@torch.no_grad()
+def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, torch.Tensor]], ks: list[int],
+            device: str, dtype: torch.dtype | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Teacher perplexity and, per checkpoint, alignment metrics; teacher logits computed once per batch."""
+    from rlkd_cli import tokenizer as tok_mod
+
+    vocab = len(tokenizer)
+    students = []
+    for path in checkpoints:
+        model = models.load_pretrained(path, role="checkpoint", dtype=dtype)
+        if (Path(path) / "tokenizer_config.json").exists() or (Path(path) / "tokenizer.json").exists():
+            ck_tok = tok_mod.load_tokenizer(path)
+            if not _same_tokenizer(ck_tok, tokenizer):
+                raise RlkdError(f"checkpoint '{path}' has a different tokenizer from the teacher's "
+                                f"({len(ck_tok)} vs {len(tokenizer)} tokens); alignment needs a shared vocabulary")
+        models.check_vocab(model, tokenizer, role=f"checkpoint '{path}'")
+        students.append(model.to(device).eval())
+    teacher_nll, count = 0.0, 0.0
+    sums: list[dict[str, float]] = [{} for _ in students]
+    nll = [0.0 for _ in students]
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t, targets, mask = shift_for_next_token(t_logits, batch["labels"], vocab)
+        teacher_nll += _nll_sum(t, targets, mask)
+        count += float(mask.sum())
+        for i, model in enumerate(students):
+            s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s = shift_for_next_token(s_logits, batch["labels"], vocab)[0]
+            nll[i] += _nll_sum(s, targets, mask)
+            for key, value in metrics_mod.alignment_sums(s, t, ks, mask).items():
+                sums[i][key] = sums[i].get(key, 0.0) + float(value)
+            for key, value in metrics_mod.alignment_sums_by_modes(s, t, ks, mask).items():
+                sums[i][key] = sums[i].get(key, 0.0) + float(value)
+    require(count > 0, "the dataset split has no response tokens to measure; check dataset and split")
+    teacher_row = {"teacher_ppl": math.exp(min(teacher_nll / count, 50.0)), "positions": int(count)}
+    rows = []
+    for path, s, n in zip(checkpoints, sums, nll):
+        row = {"checkpoint": path, **_finalize_all(s), "ppl": math.exp(min(n / count, 50.0))}
+        row["top1"] = row.get("cr@1")
+        rows.append(row)
+    return teacher_row, rows
+
+
+def _finalize_all(sums: dict[str, float]) -> dict[str, float]:
+    """Divide plain sums by ``count`` and bucketed sums (``key|bucket``) by their bucket's count."""
+    out: dict[str, float] = {}
+    for key, value in sums.items():
+        if key == "count" or key.startswith("count|"):
+            continue
+        if "|" in key:
+            bucket = key.split("|", 1)[1]
+            denom = sums.get(f"count|{bucket}", 0.0)
+            out[key] = value / denom if denom else float("nan")
+        else:
+            out[key] = value / sums["count"] if sums.get("count") else float("nan")
+    for key, value in sums.items():
+        if key.startswith("count|"):
+            out[f"positions|{key.split('|', 1)[1]}"] = int(value)
+    return out
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    out_dir = ensure_writable_dir(out_dir)
+    checkpoints = [str(c) for c in (cfg.get("checkpoints") or [])]
+    require(len(checkpoints) > 0, "no checkpoints to measure; pass checkpoints=[PATH,...] "
+            "(e.g. checkpoints=[outputs/distill/RUN/checkpoints/step-000400])")
+    for c in checkpoints:
+        require(Path(c).expanduser().is_dir(), f"checkpoint '{c}' is not a folder; pass model folders written "
+                "by rlkd (checkpoints/step-*) or save_pretrained")
+    ks = validate_ks(cfg.metrics.ks)
+    device, precision = choose_device_and_precision(cfg.trainer)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    batch_size = int(cfg.get("batch_size", 32))
+    require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+
+    tokenizer = resolve_tokenizer(cfg, [cfg.teacher])
+    teacher_path = models.ensure_teacher(cfg, tokenizer)
+    teacher = models.load_pretrained(teacher_path, role="teacher", dtype=dtype,
+                                     trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
+    models.check_vocab(teacher, tokenizer, role="teacher")
+    teacher.to(device).eval()
+    split = data_mod.build_split(cfg.dataset, tokenizer, str(cfg.split), limit=cfg.get("limit"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ds = split.dataset
+    batches = [data_mod.collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))], pad_id)
+               for s in range(0, len(ds), batch_size)]
+    log.info("measuring %d checkpoint(s) against teacher %s on %s/%s (%d examples)", len(checkpoints),
+             teacher_path, cfg.dataset.get("name"), cfg.split, len(ds))
+    teacher_row, rows = measure(checkpoints, teacher, tokenizer, batches, ks, device, dtype)
+    result = {"teacher": str(teacher_path), "dataset": cfg.dataset.get("name"), "split": str(cfg.split),
+              "examples": len(ds), "ks": ks, **teacher_row, "checkpoints": rows}
+    atomic_write_json(out_dir / "alignment.json", result)
+    _print_table(result, ks)
+    return result
+
+
+def _print_table(result: dict[str, Any], ks: list[int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Alignment with the teacher ({result['dataset']}/{result['split']}, "
+                        f"{result['positions']} positions; teacher ppl {result['teacher_ppl']:.3f})")
+    table.add_column("checkpoint", overflow="fold")
+    for k in ks:
+        table.add_column(f"CR@{k}", justify="right")
+    for k in ks:
+        table.add_column(f"OR@{k}", justify="right")
+    table.add_column("ppl", justify="right")
+    for row in result["checkpoints"]:
+        table.add_row(row["checkpoint"], *[f"{row[f'cr@{k}']:.4f}" for k in ks],
+                      *[f"{row[f'or@{k}']:.4f}" for k in ks], f"{row['ppl']:.3f}")
+    Console().print(table)

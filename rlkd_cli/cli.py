@@ -1,0 +1,218 @@
+"""The ``rlkd`` command: Typer subcommands that hand their arguments to Hydra.
+
+Every subcommand composes ``conf/<command>.yaml`` with the user's overrides, so everything Hydra
+offers works as in any Hydra app: ``-m/--multirun`` sweeps, ``--cfg job``, ``--help``,
+``hydra.run.dir=...``. Errors a user can fix are printed as one line and exit non-zero;
+``--debug`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from rlkd_cli.config import GROUPS, conf_dir, group_options, groups_help
+from rlkd_cli.errors import RlkdError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+log = logging.getLogger("rlkd")
+
+_EPILOG = (
+    "Each command takes Hydra overrides: group=option, key=value, -m for sweeps, --cfg job to print the config, "
+    "--help for the command's config, --debug for tracebacks.\n\n"
+    "Config groups and their options:\n\n" + groups_help().replace("\n", "\n\n")
+)
+
+app = typer.Typer(
+    name="rlkd",
+    help="Knowledge distillation of causal LMs with the RLKD ranking loss (Peng & Zhang, COLING 2025).",
+    epilog=_EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+# Jobs of a multirun that failed (recorded by the task wrapper; the sweep goes on).
+_FAILED_JOBS: list[tuple[str, str]] = []
+
+
+def _check_group_choices(args: list[str]) -> None:
+    """Unknown ``group=option`` values get one line listing the options (before Hydra composes)."""
+    if any(a.startswith(("--config-dir", "-cd", "hydra.searchpath", "+hydra.searchpath")) for a in args):
+        return  # the user brings their own presets
+    for arg in args:
+        m = re.match(r"^~?\+{0,2}([A-Za-z_]+)=(.*)$", arg)
+        if not m or m.group(1) not in GROUPS:
+            continue
+        group, value = m.group(1), m.group(2)
+        choices = [v.strip() for v in re.sub(r"^(choice|glob)\((.*)\)$", r"\2", value).split(",")] \
+            if not value.startswith(("glob(", "range(")) else []
+        available = group_options(group)
+        for choice in choices:
+            if choice and choice not in available and choice.lower() not in ("null", "none"):
+                raise RlkdError(f"unknown {group} '{choice}'; available: {', '.join(available)} "
+                                f"(or add conf/{group}/{choice}.yaml)")
+
+
+def _format_hydra_error(ex: BaseException) -> str:
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(ex, MissingConfigException):
+        opts = f"; available: {', '.join(ex.options)}" if getattr(ex, "options", None) else ""
+        first = str(ex).strip().splitlines()[0]
+        return f"{first}{opts}"
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse the override '{ex.override}': {ex.message.strip().splitlines()[0]}; write key=value"
+    if isinstance(ex, OmegaConfBaseException):
+        msg = str(ex).strip().splitlines()[0]
+        key = getattr(ex, "full_key", None)
+        return f"config error{f' at {key}' if key else ''}: {msg}"
+    text = " ".join(str(ex).split())
+    if "Could not override" in text or "Key '" in text:
+        # Hydra's override errors carry the useful part after the first sentence
+        text = text.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "")
+        return text.strip() + " (check the key's spelling with --cfg job; add a new key with +key=value)"
+    return text
+
+
+def run_hydra(command: str, task: Callable, args: list[str]) -> None:
+    """Compose ``conf/<command>.yaml`` with ``args`` and run ``task(cfg)`` (once, or per sweep job)."""
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    debug = "--debug" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    args = [a for a in args if a != "--debug"]
+    _FAILED_JOBS.clear()
+    prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    try:
+        _check_group_choices(args)
+        sys.argv = [f"rlkd {command}", *args]
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves below
+        hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
+    except RlkdError as ex:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {ex}")
+        raise typer.Exit(ex.exit_code)
+    except (HydraException, OmegaConfBaseException) as ex:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {_format_hydra_error(ex)}")
+        raise typer.Exit(2)
+    except OSError as ex:
+        if debug:
+            raise
+        where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
+        err_console.print(f"[bold red]error:[/bold red] {ex.strerror or ex}{where}; check the path and its "
+                          "permissions (the run dir is set with hydra.run.dir=...)")
+        raise typer.Exit(2)
+    except Exception as ex:  # a bug, not a user error: still one line unless --debug
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] unexpected {type(ex).__name__}: "
+                          f"{' '.join(str(ex).split())[:400]} (rerun with --debug for the traceback)")
+        raise typer.Exit(1)
+    finally:
+        sys.argv = prev_argv
+        if prev_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = prev_env
+    if _FAILED_JOBS:
+        err_console.print(f"[bold red]{len(_FAILED_JOBS)} sweep job(s) failed:[/bold red]")
+        for job_dir, message in _FAILED_JOBS:
+            err_console.print(f"  {job_dir}: {message}")
+        raise typer.Exit(1)
+
+
+def _wrap_task(task: Callable) -> Callable:
+    """Run the task; inside a multirun a failing job is recorded (failed.json) and the sweep goes on."""
+
+    def job(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        out_dir = Path(hc.runtime.output_dir)
+        if hc.mode != RunMode.MULTIRUN:
+            task(cfg, out_dir)
+            return
+        try:
+            task(cfg, out_dir)
+        except (Exception, SystemExit) as ex:  # record, keep sweeping
+            from rlkd_cli.io import atomic_write_json
+
+            message = str(ex) if isinstance(ex, RlkdError) else f"{type(ex).__name__}: {' '.join(str(ex).split())}"
+            atomic_write_json(out_dir / "summary.json", {"command": cfg.get("command"), "status": "failed",
+                                                         "error": message,
+                                                         "overrides": list(hc.overrides.task)})
+            log.error("job %s failed: %s", out_dir, message)
+            _FAILED_JOBS.append((str(out_dir), message))
+
+    job.__module__ = __name__
+    return job
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
+
+def _sft_task(cfg, out_dir: Path) -> None:
+    from rlkd_cli import engine
+
+    engine.train(cfg, out_dir, mode="sft")
+
+
+def _distill_task(cfg, out_dir: Path) -> None:
+    from rlkd_cli import engine
+
+    engine.train(cfg, out_dir, mode="distill")
+
+
+def _measure_task(cfg, out_dir: Path) -> None:
+    from rlkd_cli import alignment
+
+    alignment.run(cfg, out_dir)
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def sft(ctx: typer.Context) -> None:
+    """Fine-tune one model with cross-entropy (teachers, or the SFT baseline with model=student). --help for its config."""
+    run_hydra("sft", _sft_task, list(ctx.args))
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def distill(ctx: typer.Context) -> None:
+    """Distil the teacher into the student (default loss: kl+rank, the paper's mix). --help for its config."""
+    run_hydra("distill", _distill_task, list(ctx.args))
+
+
+@app.command("measure-alignment", context_settings=_PASS_THROUGH, add_help_option=False)
+def measure_alignment(ctx: typer.Context) -> None:
+    """CR@k, OR@k, top-1 agreement and perplexities of checkpoints=[...] against the teacher. --help for its config."""
+    run_hydra("measure-alignment", _measure_task, list(ctx.args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

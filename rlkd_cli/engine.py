@@ -1,0 +1,606 @@
+"""The one training loop behind ``rlkd sft`` and ``rlkd distill`` (the ``trainer`` config group).
+
+Read :func:`train` top to bottom: set up (device, tokenizer, data, models, objective, optimizer),
+maybe resume, then ``for step``: fetch the step's micro-batches, run the student (and, when
+distilling, the teacher under ``no_grad``), compute the configured loss mix on response positions,
+step the optimizer, log, validate, checkpoint. ``sft`` is the same loop with a cross-entropy-only
+objective and no teacher.
+
+Losses are means over the response positions of the whole optimizer step: each micro-batch's term
+sums are divided by the step's total count of positions (summed over processes), so gradient
+accumulation and multi-process training give the same update as one big batch.
+
+Output (in the run dir): ``metrics.jsonl`` (one JSON object per log step and per validation),
+``summary.json`` (final validation metrics as flat keys ``cr@1``, ``or@5``, ...),
+``checkpoints/step-NNNNNN/`` (a Hugging Face model folder plus tokenizer and trainer state) and
+``checkpoints/latest`` (the newest complete checkpoint's name, written last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlkd_cli import dataset as data_mod
+from rlkd_cli import metrics as metrics_mod
+from rlkd_cli import models
+from rlkd_cli.config import validate_ks, validate_trainer
+from rlkd_cli.errors import RlkdError, require
+from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
+from rlkd_cli.losses import Objective
+
+log = logging.getLogger("rlkd.engine")
+
+STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pt")
+# Keys that may change between a run and its resumption without changing what is computed.
+RESUME_FREE_KEYS = {"trainer.resume", "trainer.force_resume", "trainer.progress", "trainer.max_steps",
+                    "trainer.stop_after",
+                    "trainer.eval_every", "trainer.save_every", "trainer.keep_last", "trainer.log_every",
+                    "trainer.eval_examples", "checkpoints", "cache_dir"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces the loop uses
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0            # optimizer steps done
+    epoch: int = 0           # data epoch of the next micro-batch
+    position: int = 0        # index into that epoch's permutation of the next micro-batch
+    bad_steps: int = 0       # consecutive non-finite steps
+    skipped_steps: int = 0   # all non-finite steps skipped so far
+    tokens: int = 0          # response positions trained on
+    train_time_s: float = 0.0
+
+
+class BatchStream:
+    """Deterministic micro-batches: a seeded permutation per epoch, resumable from (epoch, position).
+
+    With several processes each global micro-batch is split between them by rank, so N processes
+    see exactly the examples one process would see with the same global batch.
+    """
+
+    def __init__(self, n: int, micro_batch: int, seed: int, rank: int = 0, world: int = 1):
+        require(n >= micro_batch * world,
+                f"the training split has {n} examples, fewer than one batch ({micro_batch * world}); "
+                "lower trainer.batch_size or use more data")
+        self.n, self.micro, self.seed, self.rank, self.world = n, micro_batch, seed, rank, world
+        self._epoch_cached: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._epoch_cached != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g)
+            self._epoch_cached = epoch
+        return self._perm
+
+    def next(self, state: TrainState) -> list[int]:
+        span = self.micro * self.world
+        if state.position + span > self.n:  # drop the ragged end of an epoch
+            state.epoch, state.position = state.epoch + 1, 0
+        perm = self._permutation(state.epoch)
+        ids = perm[state.position: state.position + span].tolist()
+        state.position += span
+        return ids[self.rank * self.micro: (self.rank + 1) * self.micro]
+
+
+def choose_device_and_precision(tc: DictConfig) -> tuple[str, str]:
+    """Resolve ``trainer.device``/``trainer.precision`` ('auto' included) or say why not."""
+    cuda = torch.cuda.is_available()
+    device = str(tc.device)
+    if device == "cuda" and not cuda:
+        raise RlkdError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    precision = str(tc.precision)
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RlkdError("trainer.precision=bf16 but this GPU has no bf16 support; use trainer.precision=fp32")
+    if precision == "bf16" and device == "cpu":
+        raise RlkdError("trainer.precision=bf16 is for CUDA; on the CPU use trainer.precision=fp32 (or auto)")
+    return device, precision
+
+
+def make_accelerator(tc: DictConfig):
+    from accelerate import Accelerator
+
+    device, precision = choose_device_and_precision(tc)
+    return Accelerator(cpu=(device == "cpu"), mixed_precision="bf16" if precision == "bf16" else "no")
+
+
+def resolve_tokenizer(cfg: DictConfig, model_cfgs: list[DictConfig]):
+    """The tokenizer named in ``tokenizer.name_or_path``, else the first pretrained model's, else the embedded BPE."""
+    from rlkd_cli import tokenizer as tok_mod
+
+    if cfg.tokenizer.get("name_or_path"):
+        return tok_mod.load_tokenizer(str(cfg.tokenizer.name_or_path))
+    for mc in model_cfgs:
+        if mc is not None and mc.get("name_or_path"):
+            return tok_mod.load_tokenizer(str(mc.name_or_path))
+    return tok_mod.embedded_tokenizer(Path(os.path.expanduser(str(cfg.cache_dir))), int(cfg.tokenizer.vocab_size))
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Align position t's logits with token t+1; cut vocabulary padding rows; mask = response positions."""
+    logits = logits[:, :-1, :vocab_size]
+    targets = labels[:, 1:]
+    return logits, targets, targets.ne(-100)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "python_version": random.getstate()[0],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": np_state[2], "numpy_has_gauss": np_state[3], "numpy_cached_gaussian": np_state[4],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(py[:-1]), None if py[-1] == -1 else py[-1]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat(cfg: DictConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    """Keys (dotted) whose values differ between two run configs, ignoring resume-free keys."""
+    a, b = _flat(saved), _flat(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".")
+                                                                 for f in RESUME_FREE_KEYS)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: Path, *, model, tokenizer, cfg: DictConfig, state: TrainState, optimizer,
+                    scheduler, keep_last: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/latest`` at it, then prune."""
+    ckpt_root = out_dir / "checkpoints"
+    name = f"step-{state.step:06d}"
+    target = ckpt_root / name
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "rlkd_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+        atomic_write_json(tmp / "trainer_state.json", asdict(state))
+    atomic_write_text(ckpt_root / "latest", name + "\n")
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
+    """``auto``: this run dir's latest complete checkpoint (None if there is none); else the given path."""
+    if resume == "auto":
+        pointer = out_dir / "checkpoints" / "latest"
+        if not pointer.exists():
+            return None
+        path = out_dir / "checkpoints" / pointer.read_text().strip()
+    else:
+        path = Path(os.path.expanduser(resume))
+    missing = [f for f in ("config.json", "trainer_state.json", "optimizer.pt") if not (path / f).exists()]
+    if not path.is_dir() or missing:
+        raise RlkdError(f"cannot resume from '{path}': not a complete rlkd checkpoint (missing "
+                        f"{', '.join(missing) or 'the folder'}); use trainer.resume=auto in the run dir or a "
+                        "checkpoints/step-* folder")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on the validation split
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(student, teacher, batches: list[dict[str, torch.Tensor]], objective: Objective, vocab: int,
+             ks: list[int], accelerator) -> dict[str, float]:
+    """Mean loss terms, student perplexity and CR@k/OR@k (with a teacher) over response positions."""
+    student.eval()
+    sums: dict[str, float] = {}
+    count = 0.0
+    nll = 0.0
+    align: dict[str, float] = {}
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits \
+                if teacher is not None else None
+        s, targets, mask = shift_for_next_token(s_logits, batch["labels"], vocab)
+        t = shift_for_next_token(t_logits, batch["labels"], vocab)[0] if t_logits is not None else None
+        total, terms = objective(s, t, targets, mask, reduction="sum")
+        sums["loss"] = sums.get("loss", 0.0) + float(total)
+        for key, value in terms.items():
+            sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + float(value)
+        logp = torch.log_softmax(s.float(), dim=-1)
+        nll += float(-(logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum())
+        count += float(mask.sum())
+        if t is not None:
+            for key, value in metrics_mod.alignment_sums(s, t, ks, mask).items():
+                align[key] = align.get(key, 0.0) + float(value)
+    student.train()
+    out = {k: v / max(count, 1.0) for k, v in sums.items()}
+    out["ppl"] = math.exp(min(nll / max(count, 1.0), 50.0))
+    if align:
+        out.update(metrics_mod.finalize(align))
+    out["positions"] = int(count)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=None,
+          log_prefix: str | None = None) -> dict[str, Any]:
+    """Run sft (``mode='sft'``) or distillation (``mode='distill'``) as configured; return the summary."""
+    require(mode in ("sft", "distill"), f"unknown engine mode {mode!r}")
+    tc = cfg.trainer
+    validate_trainer(tc)
+    ks = validate_ks(cfg.metrics.ks)
+    out_dir = ensure_writable_dir(out_dir)
+    tag = f"[{log_prefix}] " if log_prefix else ""
+    accelerator = make_accelerator(tc)
+    device_name, precision = choose_device_and_precision(tc)
+    is_main = accelerator.is_main_process
+
+    # --- what is trained, by what -----------------------------------------------------------------
+    if mode == "distill":
+        trained_cfg, trained_role = cfg.student, "student"
+    else:
+        trained_role = str(cfg.get("model", "teacher"))
+        require(trained_role in ("teacher", "student"), f"model must be teacher or student, got {trained_role!r}")
+        trained_cfg = cfg[trained_role]
+    if tokenizer is None:
+        tokenizer = resolve_tokenizer(cfg, [cfg.teacher, trained_cfg] if mode == "distill" else [trained_cfg])
+    vocab = len(tokenizer)
+    objective = Objective.from_config(cfg.loss)
+    require(mode == "distill" or not objective.needs_teacher,
+            f"loss '{cfg.loss.get('name', '?')}' needs a teacher but `rlkd sft` has none; use loss=ce with sft, "
+            "or run rlkd distill")
+
+    teacher = None
+    if mode == "distill":
+        teacher_path = models.ensure_teacher(cfg, tokenizer)
+        teacher_dtype = torch.bfloat16 if precision == "bf16" else None
+        teacher = models.load_pretrained(teacher_path, role="teacher", dtype=teacher_dtype,
+                                         trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
+        models.check_vocab(teacher, tokenizer, role="teacher")
+        teacher.requires_grad_(False)
+        teacher.eval()
+
+    torch.manual_seed(int(cfg.seed))
+    student = models.load_model(trained_cfg, tokenizer, role=trained_role, seed=int(cfg.seed))
+
+    train_split = data_mod.build_split(cfg.dataset, tokenizer, "train")
+    val_split = data_mod.build_split(cfg.dataset, tokenizer, "validation", limit=tc.get("eval_examples"))
+    for name, split in (("train", train_split), ("validation", val_split)):
+        st = split.stats
+        log.info("%s%s split: %d examples, %d truncated at max_length=%s, %d dropped", tag, name,
+                 st.get("num_examples", 0), st.get("num_truncated", 0), cfg.dataset.get("max_length"),
+                 st.get("num_dropped", 0))
+
+    # --- optimizer, schedule ------------------------------------------------------------------------
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for n, p in student.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(tc.weight_decay)},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=float(tc.lr), betas=tuple(tc.betas))
+    scheduler = get_scheduler(str(tc.scheduler), optimizer, num_warmup_steps=int(tc.warmup_steps),
+                              num_training_steps=int(tc.max_steps))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    student.train()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = int(tc.batch_size) // int(tc.grad_accum)
+    require(micro % world == 0, f"trainer.batch_size/grad_accum ({micro}) must be divisible by the number of "
+                                f"processes ({world})")
+    micro //= world
+    stream = BatchStream(len(train_split.dataset), micro, int(cfg.seed), rank, world)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    val_batches = [data_mod.collate([val_split.dataset[i] for i in range(s, min(s + micro * world, len(val_split.dataset)))], pad_id)
+                   for s in range(0, len(val_split.dataset), micro * world)]
+
+    # --- resume -------------------------------------------------------------------------------------
+    state = TrainState()
+    metrics_path = out_dir / "metrics.jsonl"
+    resume = tc.get("resume")
+    ckpt = find_resume_checkpoint(out_dir, str(resume)) if resume else None
+    if resume and ckpt is None:
+        log.info("%strainer.resume=auto: no checkpoint in %s yet, starting fresh", tag, out_dir)
+    if ckpt is not None:
+        saved = OmegaConf.load(ckpt / "rlkd_config.yaml")
+        diff = config_differences(saved, cfg)
+        if diff and not tc.get("force_resume", False):
+            raise RlkdError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff[:6])}"
+                            f"{' ...' if len(diff) > 6 else ''}; run with the checkpoint's config or set "
+                            "trainer.force_resume=true")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / "model.safetensors"))
+        unwrapped = accelerator.unwrap_model(student)
+        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+        # tied weights (lm_head = embed_tokens) are stored once
+        missing = [m for m in missing if not (m.endswith("lm_head.weight") and unwrapped.config.tie_word_embeddings)]
+        require(not missing and not unexpected, f"checkpoint {ckpt} does not match the model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
+        if getattr(unwrapped.config, "tie_word_embeddings", False):
+            unwrapped.tie_weights()
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))
+        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        log.info("%sresumed from %s at step %d", tag, ckpt, state.step)
+        if is_main and metrics_path.exists():  # drop lines logged after that checkpoint
+            kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state.step]
+            atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
+    elif is_main and metrics_path.exists():
+        metrics_path.unlink()
+    if is_main:
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    # --- pre-emption: SIGTERM checkpoints and stops at the next step boundary -------------------------
+    stop = {"signal": None}
+
+    def _on_term(signum, frame):
+        stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, _on_term) if _main_thread() else None
+
+    log.info("%s%s: %s on %s (%s), %s, %d steps of %d examples, loss = %s", tag, mode, models.describe(trained_cfg),
+             device_name, precision, f"teacher {models.describe(cfg.teacher)}" if teacher is not None else "no teacher",
+             int(tc.max_steps), int(tc.batch_size), objective.describe())
+
+    def save():
+        if is_main:
+            return save_checkpoint(out_dir, model=accelerator.unwrap_model(student), tokenizer=tokenizer, cfg=cfg,
+                                   state=state, optimizer=optimizer, scheduler=scheduler, keep_last=int(tc.keep_last))
+        return None
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        if is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    progress = _Progress(enabled=bool(tc.get("progress", True)) and is_main, total=int(tc.max_steps),
+                         start=state.step, label=f"{log_prefix or mode}")
+    window: dict[str, float] = {}
+    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+    last_ckpt: Path | None = None
+    val: dict[str, float] = {}
+    stop_at = int(tc.max_steps)
+    if tc.get("stop_after") is not None:
+        require(int(tc.stop_after) >= 1, f"trainer.stop_after must be >= 1 steps, got {tc.stop_after}")
+        stop_at = min(stop_at, state.step + int(tc.stop_after))
+    try:
+        while state.step < int(tc.max_steps):
+            if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto continues
+                last_ckpt = save()
+                log.info("%strainer.stop_after: stopped at step %d with checkpoint %s", tag, state.step, last_ckpt)
+                summary = {"command": mode, "status": "stopped", "step": state.step, "max_steps": int(tc.max_steps),
+                           "checkpoint": str(last_ckpt) if last_ckpt else None}
+                if is_main:
+                    atomic_write_json(out_dir / "summary.json", summary)
+                return summary
+            t0 = time.perf_counter()
+            # 1. the step's micro-batches and their total count of response positions
+            batches = [data_mod.collate([train_split.dataset[i] for i in stream.next(state)], pad_id)
+                       for _ in range(int(tc.grad_accum))]
+            count = torch.tensor(float(sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)),
+                                 device=accelerator.device)
+            if world > 1:
+                count = accelerator.reduce(count, reduction="sum")
+            # DDP averages gradients over processes; scale so the update is the mean over all positions
+            denom = count.clamp_min(1.0) / world
+
+            # 2. forward / backward
+            step_sums: dict[str, float] = {}
+            align: dict[str, float] = {}
+            finite = True
+            for batch in batches:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.autocast():
+                    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]).logits
+                s, targets, mask = shift_for_next_token(s_logits, batch["labels"], vocab)
+                t = shift_for_next_token(t_logits, batch["labels"], vocab)[0] if t_logits is not None else None
+                total, terms = objective(s, t, targets, mask, reduction="sum")
+                if not torch.isfinite(total):
+                    finite = False
+                    break
+                accelerator.backward(total / denom)
+                step_sums["loss"] = step_sums.get("loss", 0.0) + float(total.detach())
+                for key, value in terms.items():
+                    step_sums[f"loss/{key}"] = step_sums.get(f"loss/{key}", 0.0) + float(value)
+                if t is not None and (state.step + 1) % int(tc.log_every) == 0:
+                    for key, value in metrics_mod.alignment_sums(s.detach(), t, ks, mask).items():
+                        align[key] = align.get(key, 0.0) + float(value)
+
+            # 3. optimizer step (skipped when the loss or the gradient is not finite)
+            grad_norm = None
+            if finite:
+                if tc.get("max_grad_norm") is not None:
+                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), float(tc.max_grad_norm))
+                else:
+                    grad_norm = torch.linalg.vector_norm(torch.stack(
+                        [p.grad.detach().norm() for p in student.parameters() if p.grad is not None]))
+                finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                state.bad_steps = 0
+            else:
+                state.bad_steps += 1
+                state.skipped_steps += 1
+                log.warning("%sstep %d: non-finite loss or gradient, optimizer step skipped (%d in a row)",
+                            tag, state.step + 1, state.bad_steps)
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            n_pos = int(count.item())
+            state.tokens += n_pos
+            state.train_time_s += time.perf_counter() - t0
+            if state.bad_steps >= int(tc.max_bad_steps):
+                write_metrics({"step": state.step, "split": "train", "skipped_steps": state.skipped_steps,
+                               "error": "non-finite loss"})
+                raise RlkdError(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient (last at "
+                                f"step {state.step}); lower trainer.lr, check the data, or raise trainer.max_bad_steps")
+
+            # 4. log
+            if finite:
+                for key, value in step_sums.items():
+                    window[key] = window.get(key, 0.0) + value / max(n_pos, 1)
+                window_steps += 1
+                window_tokens += n_pos
+            if state.step % int(tc.log_every) == 0 or state.step == int(tc.max_steps):
+                elapsed = time.perf_counter() - t_window
+                record: dict[str, Any] = {"step": state.step, "split": "train"}
+                record.update({k: v / max(window_steps, 1) for k, v in window.items()})
+                if align:
+                    record.update(metrics_mod.finalize(align))
+                record.update({"lr": scheduler.get_last_lr()[0],
+                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                               "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                               "skipped_steps": state.skipped_steps, "epoch": state.epoch,
+                               "elapsed_s": round(state.train_time_s, 3)})
+                write_metrics(record)
+                progress.update(state.step, record)
+                window, window_steps, window_tokens, t_window = {}, 0, 0, time.perf_counter()
+            else:
+                progress.update(state.step, None)
+
+            # 5. validate, checkpoint
+            if int(tc.eval_every) > 0 and state.step % int(tc.eval_every) == 0 and state.step < int(tc.max_steps):
+                val = evaluate(student, teacher, val_batches, objective, vocab, ks, accelerator)
+                write_metrics({"step": state.step, "split": "validation", **val})
+                progress.update(state.step, val, validation=True)
+            if int(tc.save_every) > 0 and state.step % int(tc.save_every) == 0 and state.step < int(tc.max_steps):
+                last_ckpt = save()
+            if stop["signal"] is not None:
+                last_ckpt = save()
+                log.warning("%sSIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
+                            tag, last_ckpt, state.step)
+                raise SystemExit(143)
+    finally:
+        progress.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+    # --- final validation, checkpoint, summary ---------------------------------------------------------
+    val = evaluate(student, teacher, val_batches, objective, vocab, ks, accelerator)
+    write_metrics({"step": state.step, "split": "validation", **val})
+    last_ckpt = save()
+    summary = {
+        "command": mode, "status": "completed", "step": state.step, "max_steps": int(tc.max_steps),
+        "checkpoint": str(last_ckpt) if last_ckpt else None, "loss_mix": objective.describe(),
+        "trained": models.describe(trained_cfg),
+        "teacher": models.describe(cfg.teacher) if teacher is not None else None,
+        "device": device_name, "precision": precision, "processes": world,
+        "skipped_steps": state.skipped_steps, "train_tokens": state.tokens,
+        "train_time_s": round(state.train_time_s, 3),
+        "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
+        **{k: v for k, v in val.items() if k.startswith(("cr@", "or@", "loss/"))},
+        "train_examples": train_split.stats.get("num_examples"),
+        "train_truncated": train_split.stats.get("num_truncated"),
+    }
+    if is_main:
+        atomic_write_json(out_dir / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    log.info("%sdone: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
+                                           if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))))
+    return summary
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Progress:
+    """A rich progress bar showing the latest loss, CR@1/CR@2 and OR@5 (a no-op when disabled)."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int, label: str):
+        self.enabled = enabled
+        self.text = ""
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 transient=False)
+        self.task = self.progress.add_task(label, total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step: int, record: dict[str, Any] | None, validation: bool = False) -> None:
+        if not self.enabled:
+            return
+        if record is not None:
+            parts = [f"{'val ' if validation else ''}loss {record.get('loss', float('nan')):.3f}"]
+            for key in ("cr@1", "cr@2", "or@5"):
+                if key in record:
+                    parts.append(f"{key} {record[key]:.3f}")
+            self.text = "  ".join(parts)
+        self.progress.update(self.task, completed=step, info=self.text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
