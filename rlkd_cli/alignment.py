@@ -76,28 +76,10 @@ def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, 
     teacher_row = {"teacher_ppl": math.exp(min(teacher_nll / count, 50.0)), "positions": int(count)}
     rows = []
     for path, s, n in zip(checkpoints, sums, nll):
-        row = {"checkpoint": path, **_finalize_all(s), "ppl": math.exp(min(n / count, 50.0))}
+        row = {"checkpoint": path, **metrics_mod.finalize(s), "ppl": math.exp(min(n / count, 50.0))}
         row["top1"] = row.get("cr@1")
         rows.append(row)
     return teacher_row, rows
-
-
-def _finalize_all(sums: dict[str, float]) -> dict[str, float]:
-    """Divide plain sums by ``count`` and bucketed sums (``key|bucket``) by their bucket's count."""
-    out: dict[str, float] = {}
-    for key, value in sums.items():
-        if key == "count" or key.startswith("count|"):
-            continue
-        if "|" in key:
-            bucket = key.split("|", 1)[1]
-            denom = sums.get(f"count|{bucket}", 0.0)
-            out[key] = value / denom if denom else float("nan")
-        else:
-            out[key] = value / sums["count"] if sums.get("count") else float("nan")
-    for key, value in sums.items():
-        if key.startswith("count|"):
-            out[f"positions|{key.split('|', 1)[1]}"] = int(value)
-    return out
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -114,7 +96,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     batch_size = int(cfg.get("batch_size", 32))
     require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
 
-    tokenizer = resolve_tokenizer(cfg, [cfg.teacher])
+    tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
     teacher_path = models.ensure_teacher(cfg, tokenizer)
     teacher = models.load_pretrained(teacher_path, role="teacher", dtype=dtype,
                                      trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))

@@ -44,6 +44,8 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help
 
 # Jobs of a multirun that failed (recorded by the task wrapper; the sweep goes on).
 _FAILED_JOBS: list[tuple[str, str]] = []
+# The exception of a failed single run, re-raised after Hydra returns (so Hydra prints nothing of its own).
+_PENDING: list[BaseException] = []
 
 
 def _check_group_choices(args: list[str]) -> None:
@@ -95,12 +97,15 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     debug = "--debug" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
     args = [a for a in args if a != "--debug"]
     _FAILED_JOBS.clear()
+    _PENDING.clear()
     prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     try:
         _check_group_choices(args)
         sys.argv = [f"rlkd {command}", *args]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves below
         hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
+        if _PENDING:
+            raise _PENDING.pop()
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -152,7 +157,10 @@ def _wrap_task(task: Callable) -> Callable:
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
         if hc.mode != RunMode.MULTIRUN:
-            task(cfg, out_dir)
+            try:
+                task(cfg, out_dir)
+            except BaseException as ex:  # re-raised by run_hydra once Hydra has returned
+                _PENDING.append(ex)
             return
         try:
             task(cfg, out_dir)
@@ -192,6 +200,12 @@ def _measure_task(cfg, out_dir: Path) -> None:
     alignment.run(cfg, out_dir)
 
 
+def _evaluate_task(cfg, out_dir: Path) -> None:
+    from rlkd_cli import evaluate
+
+    evaluate.run(cfg, out_dir)
+
+
 @app.command(context_settings=_PASS_THROUGH, add_help_option=False)
 def sft(ctx: typer.Context) -> None:
     """Fine-tune one model with cross-entropy (teachers, or the SFT baseline with model=student). --help for its config."""
@@ -208,6 +222,12 @@ def distill(ctx: typer.Context) -> None:
 def measure_alignment(ctx: typer.Context) -> None:
     """CR@k, OR@k, top-1 agreement and perplexities of checkpoints=[...] against the teacher. --help for its config."""
     run_hydra("measure-alignment", _measure_task, list(ctx.args))
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def evaluate(ctx: typer.Context) -> None:
+    """Downstream metrics (accuracy, ROUGE-L, perplexity) of a model or checkpoints, or of a predictions file."""
+    run_hydra("evaluate", _evaluate_task, list(ctx.args))
 
 
 def main() -> None:

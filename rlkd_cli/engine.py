@@ -126,15 +126,19 @@ def make_accelerator(tc: DictConfig):
     return Accelerator(cpu=(device == "cpu"), mixed_precision="bf16" if precision == "bf16" else "no")
 
 
-def resolve_tokenizer(cfg: DictConfig, model_cfgs: list[DictConfig]):
-    """The tokenizer named in ``tokenizer.name_or_path``, else the first pretrained model's, else the embedded BPE."""
+def resolve_tokenizer(cfg: DictConfig, model_cfgs: list):
+    """The tokenizer named in ``tokenizer.name_or_path``, else the first pretrained model's, else the embedded BPE.
+
+    ``model_cfgs``: model configs, or ``(role, config)`` pairs so errors name the right key.
+    """
     from rlkd_cli import tokenizer as tok_mod
 
     if cfg.tokenizer.get("name_or_path"):
-        return tok_mod.load_tokenizer(str(cfg.tokenizer.name_or_path))
-    for mc in model_cfgs:
+        return tok_mod.load_tokenizer(str(cfg.tokenizer.name_or_path), config_key="tokenizer.name_or_path")
+    for item in model_cfgs:
+        role, mc = item if isinstance(item, tuple) else ("teacher", item)
         if mc is not None and mc.get("name_or_path"):
-            return tok_mod.load_tokenizer(str(mc.name_or_path))
+            return tok_mod.load_tokenizer(str(mc.name_or_path), config_key=f"{role}.name_or_path")
     return tok_mod.embedded_tokenizer(Path(os.path.expanduser(str(cfg.cache_dir))), int(cfg.tokenizer.vocab_size))
 
 
@@ -289,6 +293,11 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     tag = f"[{log_prefix}] " if log_prefix else ""
     accelerator = make_accelerator(tc)
     device_name, precision = choose_device_and_precision(tc)
+    if device_name == "cpu":
+        # Subnormal floats (from tiny gradients and Adam moments) make CPU kernels several times slower;
+        # flushing them to zero changes nothing that matters for training.
+        torch.set_flush_denormal(True)
+    _quiet_transformers()
     is_main = accelerator.is_main_process
 
     # --- what is trained, by what -----------------------------------------------------------------
@@ -299,7 +308,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         require(trained_role in ("teacher", "student"), f"model must be teacher or student, got {trained_role!r}")
         trained_cfg = cfg[trained_role]
     if tokenizer is None:
-        tokenizer = resolve_tokenizer(cfg, [cfg.teacher, trained_cfg] if mode == "distill" else [trained_cfg])
+        tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher), (trained_role, trained_cfg)]
+                                      if mode == "distill" else [(trained_role, trained_cfg)])
     vocab = len(tokenizer)
     objective = Objective.from_config(cfg.loss)
     require(mode == "distill" or not objective.needs_teacher,
@@ -565,6 +575,13 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     log.info("%sdone: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                            if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))))
     return summary
+
+
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers/hub while saving and loading (the engine has its own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _main_thread() -> bool:

@@ -56,7 +56,7 @@ def test_distill_then_measure_alignment(tmp_path):
     out = tmp_path / "align"
     teacher_overrides = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
     res = run_cli(["measure-alignment", *teacher_overrides, f"checkpoints=[{ckpt},{teacher}]",
-                   "metrics.ks=[1,2,5]", f"hydra.run.dir={out}"])
+                   "metrics.ks=[1,2,5]", "limit=16", f"hydra.run.dir={out}"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "alignment.json").read_text())
     rows = {r["checkpoint"]: r for r in result["checkpoints"]}
@@ -83,7 +83,7 @@ def test_multirun_sweeps_loss_mixes(tmp_path):
     "args, expected",
     [
         (["loss=foo"], "unknown loss 'foo'; available:"),
-        (["teacher.name_or_path=/nonexistent/teacher"], "does not exist"),
+        (["teacher.name_or_path=/nonexistent/teacher"], "/nonexistent/teacher"),
         (["loss.terms.rank.k=0"], "k"),
         (["trainer.max_steps=0"], "trainer.max_steps must be >= 1"),
         (["trainer.device=cuda"], "no CUDA device"),
@@ -106,7 +106,8 @@ def test_bad_input_is_one_line_and_nonzero(args, expected, tmp_path):
 def test_empty_dataset_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    res = run_cli(["distill", *QUICK, "dataset=jsonl", f"dataset.path={empty}", f"hydra.run.dir={tmp_path}/run"])
+    quick = [o for o in QUICK if not o.startswith("dataset.")]
+    res = run_cli(["distill", *quick, "dataset=jsonl", f"dataset.path={empty}", f"hydra.run.dir={tmp_path}/run"])
     assert res.exit_code != 0
     assert "Traceback" not in res.output
     assert "empty" in res.output.lower() or "no examples" in res.output.lower(), res.output
