@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,17 @@ def test_batch_stream_is_deterministic_and_resumable():
     r0, r1 = engine.BatchStream(10, 2, 3, 0, 2), engine.BatchStream(10, 2, 3, 1, 2)
     a, b = engine.TrainState(), engine.TrainState()
     assert r0.next(a) + r1.next(b) == seq[0]
+
+
+@pytest.mark.parametrize("preset", [p for p in __import__("rlkd_cli.config", fromlist=["x"]).group_options("loss")
+                                    if p != "ce"])
+def test_every_loss_preset_distills(preset, tmp_path):
+    """`rlkd distill loss=<preset> trainer=debug` for every preset (2 steps here to keep the suite short)."""
+    cfg = compose("distill", QUICK + [f"loss={preset}", "trainer.max_steps=2", "trainer.eval_every=0",
+                                      "trainer.log_every=1", "trainer.eval_examples=8"])
+    summary = engine.train(cfg, tmp_path, mode="distill")
+    assert summary["status"] == "completed"
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    terms = [k for k in rec if k.startswith("loss/")]
+    assert terms and all(math.isfinite(rec[k]) for k in terms), rec
+    assert ("loss/rank" in rec) == preset.endswith("rank")
