@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def describe(model_cfg: DictConfig) -> str:
 def load_pretrained(name_or_path: str, *, role: str, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with one-line errors for the usual mistakes."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = Path(os.path.expanduser(str(name_or_path)))
@@ -71,17 +73,24 @@ def load_pretrained(name_or_path: str, *, role: str, dtype: torch.dtype | None =
     if path.is_dir() and not any((path / f).exists() for f in _WEIGHT_FILES):
         raise RlkdError(f"'{name_or_path}' has no safetensors weights (model.safetensors); rlkd loads weights "
                         "from safetensors only: re-save the model with save_pretrained")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no per-file bars in rlkd's output
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": bool(trust_remote_code)}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(name_or_path), **kwargs)
-    except (OSError, EnvironmentError) as e:
+    except SafetensorError as e:
+        raise RlkdError(f"{role} model '{name_or_path}' is corrupt: its safetensors weights cannot be read "
+                        f"({_first_line(e)}); re-save it with save_pretrained (a cached tiny teacher: delete "
+                        "the folder and it is trained again)") from e
+    except ValueError as e:
+        raise RlkdError(f"cannot load {role} model '{name_or_path}': {_first_line(e)}") from e
+    except OSError as e:
         where = "not in the local hub cache (HF_HUB_OFFLINE is set)" if _offline() else "not reachable on the hub"
         raise RlkdError(f"cannot load {role} model '{name_or_path}': no such local folder, and {where} "
                         f"({_first_line(e)}); set {role}.name_or_path to a local model folder") from e
-    except ValueError as e:
-        raise RlkdError(f"cannot load {role} model '{name_or_path}': {_first_line(e)}") from e
     return model
 
 
@@ -182,6 +191,10 @@ def ensure_teacher(cfg: DictConfig, tokenizer) -> str:
             return str(path)
         from rlkd_cli import engine
 
+        # Under the lock nobody else is writing: a .tmp-* sibling is what a killed training left behind.
+        for leftover in path.parent.glob(f".tmp-{path.name}-*"):
+            log.warning("Removing %s, left by an interrupted teacher training", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
         log.warning("The teacher checkpoint %s is missing: training it now with the sft engine "
                     "(first use only; later runs and sweep jobs reuse it).", path)
         with atomic_dir(path) as tmp:
@@ -192,8 +205,6 @@ def ensure_teacher(cfg: DictConfig, tokenizer) -> str:
                 if item.is_file() and item.name not in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
                     os.replace(item, tmp / item.name)
             (tmp / "teacher_summary.json").write_text(json.dumps(result, indent=2) + "\n")
-            import shutil
-
             shutil.rmtree(tmp / "run", ignore_errors=True)
         log.info("Teacher trained and cached at %s", path)
     return str(path)

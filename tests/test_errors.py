@@ -1,0 +1,235 @@
+"""The bad-input catalogue (docs/errors.md): every entry is one case here.
+
+Each case runs the real CLI in-process (``rlkd <command> ...``) and checks what a user sees:
+a non-zero exit code, exactly one line starting with ``error:`` that contains the documented text,
+and no traceback. ``test_catalogue_matches_docs`` keeps docs/errors.md and this list in step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICK, REPO, compose, run_cli
+
+DOCS = REPO / "docs" / "errors.md"
+QUICK_NO_DATA = [o for o in QUICK if not o.startswith("dataset.")]
+TEACHER_ONLY = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Artefacts some cases need: one tiny distilled checkpoint for the session, and data files.
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A finished 2-step distill run's final checkpoint (a complete rlkd checkpoint folder)."""
+    from rlkd_cli import engine
+
+    run = tmp_path_factory.mktemp("ckpt-run")
+    cfg = compose("distill", QUICK + ["trainer.max_steps=2", "trainer.eval_every=0"])
+    return Path(engine.train(cfg, run, mode="distill")["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    out: dict[str, Path] = {}
+
+    out["empty"] = root / "empty.jsonl"
+    out["empty"].write_text("")
+    out["malformed"] = root / "malformed.jsonl"
+    out["malformed"].write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    out["columns"] = root / "columns.jsonl"
+    out["columns"].write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(50)))
+
+    # a checkpoint whose model.safetensors was cut short (a copy killed mid-write)
+    out["truncated"] = root / "truncated"
+    shutil.copytree(checkpoint, out["truncated"])
+    weights = out["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    # a model folder without weights (config only)
+    out["no_weights"] = root / "no-weights"
+    out["no_weights"].mkdir()
+    shutil.copy(checkpoint / "config.json", out["no_weights"] / "config.json")
+
+    # an old-style folder with pickled weights only (pytorch_model.bin)
+    out["bin_only"] = root / "bin-only"
+    out["bin_only"].mkdir()
+    shutil.copy(checkpoint / "config.json", out["bin_only"] / "config.json")
+    torch.save({"x": torch.zeros(1)}, out["bin_only"] / "pytorch_model.bin")
+
+    # a checkpoint whose optimizer state holds a pickled Python object (not just tensors)
+    out["pickled"] = root / "pickled"
+    shutil.copytree(checkpoint, out["pickled"])
+    torch.save({"state": {}, "param_groups": [], "payload": Path("/tmp")}, out["pickled"] / "optimizer.pt")
+
+    # a folder that is not a checkpoint at all
+    out["not_ckpt"] = root / "not-a-checkpoint"
+    out["not_ckpt"].mkdir()
+
+    # a checkpoint with another tokenizer (a different embedded BPE vocabulary)
+    from rlkd_cli import models, tokenizer as tok_mod
+
+    other_tok = tok_mod.embedded_tokenizer(root / "other-tok-cache", 600)
+    out["other_tok"] = root / "other-tokenizer"
+    model = models.build_from_arch({"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 1100},
+                                   other_tok, seed=0)
+    model.save_pretrained(out["other_tok"])
+    other_tok.save_pretrained(out["other_tok"])
+
+    # a run dir whose checkpoint was written with trainer.lr=3e-3 (for the changed-config case)
+    out["changed"] = root / "changed-run"
+    shutil.copytree(checkpoint.parent.parent / "checkpoints", out["changed"] / "checkpoints")
+    return out
+
+
+def _enospc(monkeypatch):
+    """Every checkpoint write fails as on a full disk."""
+    import rlkd_cli.engine as engine
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "checkpoints/optimizer.pt")
+
+    monkeypatch.setattr(engine.torch, "save", full)
+
+
+def _unwritable(tmp_path: Path) -> str:
+    if os.geteuid() == 0:  # root writes anywhere a mode allows nothing: use a path under a file instead
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        return str(blocker / "run")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return str(locked / "run")
+
+
+# (id, command, overrides, expected text in the error line). {name} fields are filled from `files`;
+# {unwritable} from _unwritable; ENOSPC cases patch the writes.
+CASES = [
+    # unknown group options and keys
+    ("unknown-loss", "distill", ["loss=foo"], "unknown loss 'foo'; available:"),
+    ("unknown-trainer", "distill", ["trainer=fast"], "unknown trainer 'fast'; available: debug, default"),
+    ("unknown-dataset", "distill", ["dataset=imagenet"], "unknown dataset 'imagenet'; available:"),
+    ("unknown-student", "distill", ["student=huge"], "unknown student 'huge'; available: tiny"),
+    ("unknown-key", "distill", ["trainer.maxsteps=3"], "trainer.maxsteps"),
+    ("unknown-loss-term", "distill", ["+loss.terms.foo.weight=1"], "loss term 'foo' is not a registered loss"),
+    ("unknown-loss-option", "distill", ["+loss.terms.kl.k=3"], "loss term 'kl' (forward_kl) has no option 'k'"),
+    # wrong types
+    ("lr-not-number", "distill", ["trainer.lr=abc"], "trainer.lr must be a finite number"),
+    ("steps-not-int", "distill", ["trainer.max_steps=ten"], "trainer.max_steps must be an integer >= 1"),
+    ("ks-not-int", "distill", ["metrics.ks=[1,two]"], "metrics.ks must hold positive integers"),
+    # out-of-range values
+    ("steps-zero", "distill", ["trainer.max_steps=0"], "trainer.max_steps must be >= 1"),
+    ("batch-negative", "distill", ["trainer.batch_size=-4"], "trainer.batch_size must be >= 1"),
+    ("batch-vs-accum", "distill", ["trainer.grad_accum=3"], "must be a multiple of trainer.grad_accum"),
+    ("keep-last-zero", "distill", ["trainer.keep_last=0"], "trainer.keep_last must be >= 1"),
+    ("rank-k-zero", "distill", ["loss.terms.rank.k=0"], "k must be an integer >= 1"),
+    ("rank-k-over-vocab", "distill", ["loss.terms.rank.k=5000"], "exceeds the vocabulary size"),
+    ("weight-negative", "distill", ["loss.terms.kl.weight=-1"], "weight must be a finite number >= 0"),
+    ("all-weights-zero", "distill", ["loss.terms.kl.weight=0", "loss.terms.rank.weight=0"],
+     "all loss weights are zero"),
+    ("temperature-zero", "distill", ["loss.temperature=0"], "loss.temperature must be a finite number > 0"),
+    ("rank-tau-negative", "distill", ["loss.terms.rank.tau=-1"], "tau must be a finite number > 0"),
+    ("max-length-too-small", "distill", ["dataset.max_length=1"], "dataset.max_length=1 must be an integer >= 2"),
+    ("ks-zero", "distill", ["metrics.ks=[0,1]"], "metrics.ks must hold positive integers"),
+    ("scheduler-unknown", "distill", ["trainer.scheduler=zigzag"], "is not a transformers schedule"),
+    ("stop-after-zero", "distill", ["trainer.stop_after=0"], "trainer.stop_after must be >= 1"),
+    # hardware that is not there
+    ("cuda-missing", "distill", ["trainer.device=cuda"], "no CUDA device is visible"),
+    ("bf16-on-cpu", "distill", ["trainer.device=cpu", "trainer.precision=bf16"],
+     "trainer.precision=bf16 is for CUDA"),
+    ("device-unknown", "distill", ["trainer.device=tpu"], "trainer.device must be auto, cpu or cuda"),
+    # models, checkpoints and tokenizers
+    ("teacher-missing-folder", "distill", ["teacher.name_or_path=/nonexistent/teacher"],
+     "cannot load tokenizer '/nonexistent/teacher': no such local folder"),
+    ("teacher-hub-offline", "distill", ["teacher.name_or_path=some-org/some-model"],
+     "cannot load tokenizer 'some-org/some-model'"),
+    ("teacher-bin-only", "distill", ["teacher.name_or_path={bin_only}", "tokenizer.name_or_path={other_tok}"],
+     "has no safetensors weights"),
+    ("student-smaller-than-tokenizer", "distill", ["+student.arch.vocab_size=100"],
+     "arch vocab_size 100 is smaller than the tokenizer"),
+    ("resume-not-checkpoint", "distill", ["trainer.resume={not_ckpt}"], "not a complete rlkd checkpoint"),
+    ("resume-truncated", "distill", ["trainer.resume={truncated}"], "is corrupt"),
+    ("resume-pickled-state", "distill", ["trainer.resume={pickled}"], "not plain tensors"),
+    ("resume-changed-config", "distill", ["trainer.resume=auto", "trainer.lr=0.1", "hydra.run.dir={changed}"],
+     "the config differs in trainer.lr"),
+    ("align-no-checkpoints", "measure-alignment", [],
+     "no checkpoints to measure; pass checkpoints=[PATH,...] (e.g. checkpoints=[outputs/"),
+    ("align-no-weights", "measure-alignment", ["checkpoints=[{no_weights}]"], "has no safetensors weights"),
+    ("align-truncated", "measure-alignment", ["checkpoints=[{truncated}]"], "is corrupt"),
+    ("align-other-tokenizer", "measure-alignment", ["checkpoints=[{other_tok}]"], "has a different tokenizer"),
+    # data
+    ("data-empty", "distill", ["dataset=jsonl", "dataset.path={empty}"], "is empty (no rows)"),
+    ("data-malformed", "distill", ["dataset=jsonl", "dataset.path={malformed}"], "malformed JSON line"),
+    ("data-missing-column", "distill", ["dataset=jsonl", "dataset.path={columns}", "dataset.validation_size=5"], "column 'prompt' not found"),
+    ("data-missing-file", "distill", ["dataset=jsonl", "dataset.path=/nonexistent/data.jsonl"],
+     "no such file or folder '/nonexistent/data.jsonl'"),
+    ("data-no-path", "distill", ["dataset=jsonl"], "dataset=jsonl needs dataset.path"),
+    ("data-hub-offline", "distill", ["dataset=gsm8k"], "cannot load dataset 'openai/gsm8k' from the hub"),
+    # the file system
+    ("output-unwritable", "distill", ["hydra.run.dir={unwritable}"], "check the path and its permissions"),
+    ("disk-full", "distill", ["trainer.max_steps=2", "trainer.eval_every=0"], "the disk is full"),
+]
+
+
+def _expand(args: list[str], files: dict[str, Path], tmp_path: Path) -> list[str]:
+    values = {k: str(v) for k, v in files.items()}
+    values["unwritable"] = _unwritable(tmp_path) if any("{unwritable}" in a for a in args) else ""
+    return [a.format(**values) for a in args]
+
+
+@pytest.mark.parametrize("case_id, command, args, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_clear_line(case_id, command, args, expected, files, tmp_path, monkeypatch):
+    args = _expand(args, files, tmp_path)
+    if case_id == "disk-full":
+        _enospc(monkeypatch)
+    if command == "distill":
+        base = QUICK_NO_DATA if any(a.startswith("dataset=") for a in args) else QUICK
+    else:
+        base = TEACHER_ONLY
+    if not any(a.startswith("hydra.run.dir") for a in args):
+        args = [*args, f"hydra.run.dir={tmp_path}/run"]
+    res = run_cli([command, *base, *args])
+    text = res.output.strip()
+    assert res.exit_code != 0, text
+    assert "Traceback" not in text
+    error_lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, text
+    assert expected in error_lines[0], error_lines[0]
+
+
+def test_catalogue_matches_docs():
+    """docs/errors.md has one table row per case, quoting the text each case checks."""
+    doc = DOCS.read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and "<!-- " in line]
+    assert len(rows) == len(CASES) >= 25
+    for case_id, _, _, expected in CASES:
+        hits = [r for r in rows if f"<!-- {case_id} -->" in r]
+        assert len(hits) == 1, case_id
+        assert expected.replace("|", "\\|") in hits[0], (case_id, expected)
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    plain = subprocess.run([sys.executable, "-m", "rlkd_cli", "distill", "trainer.max_steps=0",
+                            f"hydra.run.dir={tmp_path}/a"],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    debug = subprocess.run([sys.executable, "-m", "rlkd_cli", "distill", "trainer.max_steps=0",
+                            f"hydra.run.dir={tmp_path}/b", "--debug"],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip() == "error: trainer.max_steps must be >= 1, got 0; e.g. trainer.max_steps=1"
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "RlkdError: trainer.max_steps must be >= 1" in debug.stderr
