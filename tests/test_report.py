@@ -1,0 +1,179 @@
+"""rlkd report (discovery, grouping, mean ± std, files, plots) and the TensorBoard logger."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK, run_cli
+from rlkd_cli import report
+from rlkd_cli.errors import RlkdError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "runs"
+SWEEP = FIXTURES / "sweep"
+
+
+def _summaries() -> dict[str, list[dict]]:
+    """Completed fixture summaries by loss, read independently of rlkd_cli.report."""
+    out: dict[str, list[dict]] = {}
+    for job in sorted(SWEEP.iterdir()):
+        if not (job / "summary.json").exists():
+            continue
+        s = json.loads((job / "summary.json").read_text())
+        if s["status"] == "completed":
+            out.setdefault(s["loss_mix"], []).append(s)
+    return out
+
+
+def test_discover_runs_finds_every_job_and_skips_checkpoints():
+    runs = report.discover_runs([SWEEP])
+    assert [r.path.name for r in runs] == ["0", "1", "2", "3", "4", "5"]
+    assert [r.status for r in runs] == ["completed"] * 4 + ["failed", "completed"]
+    assert runs[0].overrides["loss"] == "kl" and runs[0].seed == "1"
+    assert runs[0].final["cr@1"] == 0.5 and runs[0].final["cr@1|modes=2"] == 0.25
+    assert [rec["step"] for rec in runs[0].curve] == [2, 4]  # validation records only
+    assert "non-finite" in runs[4].error
+    # the evaluate run (results.json, no summary) is a run too
+    all_runs = report.discover_runs([FIXTURES])
+    ev = [r for r in all_runs if r.path.name == "evaluate_run"]
+    assert len(ev) == 1 and ev[0].final == {"eval/accuracy": 0.25, "eval/perplexity": 3.5}
+
+
+def test_group_runs_by_swept_keys_only():
+    groups = report.group_runs(report.discover_runs([SWEEP]))
+    # trainer=debug etc. are the same in every job, seed and hydra.* are excluded
+    assert [g.params for g in groups] == [{"loss": "kl"}, {"loss": "kl+rank"}, {"loss": "rank"}]
+    assert [len(g.runs) for g in groups] == [2, 3, 1]
+    assert report.swept_keys(report.discover_runs([SWEEP])) == ["loss"]
+
+
+def test_aggregate_mean_and_sample_std_exactly():
+    rows = {r["params"]["loss"]: r for r in report.aggregate(report.group_runs(report.discover_runs([SWEEP])))}
+    expected = _summaries()
+    for loss, summaries in expected.items():
+        row = rows[loss]
+        assert row["n"] == len(summaries)
+        for key in ("cr@1", "cr@2", "or@1", "or@2", "val_loss", "cr@1|modes=1", "or@2|modes>=3"):
+            values = [s[key] for s in summaries]
+            mean, std, n = row["metrics"][key]
+            assert n == len(values)
+            assert mean == pytest.approx(statistics.fmean(values), abs=1e-12)
+            if n > 1:
+                assert std == pytest.approx(statistics.stdev(values), abs=1e-12)  # n-1 denominator
+            else:
+                assert std is None
+    # hand-computed: kl cr@1 over seeds {0.5, 0.7}: mean 0.6, std sqrt(0.02) ~ 0.1414
+    assert rows["kl"]["metrics"]["cr@1"][0] == pytest.approx(0.6)
+    assert rows["kl"]["metrics"]["cr@1"][1] == pytest.approx(math.sqrt(0.02))
+    # the failed job is counted and listed, not averaged
+    assert rows["kl+rank"]["n"] == 2 and rows["kl+rank"]["failed"] == 1
+    assert len(rows["kl+rank"]["errors"]) == 1 and "non-finite" in rows["kl+rank"]["errors"][0][2]
+    assert "loss/kl" not in rows["rank"]["metrics"]
+
+
+def test_mean_std_edge_cases():
+    assert report.mean_std([]) == (None, None, 0)
+    assert report.mean_std([2.0, float("nan")]) == (2.0, None, 1)
+    mean, std, n = report.mean_std([1.0, 2.0, 4.0])
+    assert (mean, n) == (pytest.approx(7 / 3), 3) and std == pytest.approx(math.sqrt(((4 / 3) ** 2 + (1 / 3) ** 2 + (5 / 3) ** 2) / 2))
+
+
+def test_write_report_files_and_plots(tmp_path):
+    import matplotlib.image as mpimg
+
+    result = report.write_report([SWEEP], tmp_path / "out")
+    out = tmp_path / "out"
+    assert set(result["files"]) == {"report.md", "report.csv", "curves.png", "final_bars.png", "modes.png"}
+    md = (out / "report.md").read_text()
+    assert "| loss | n | status |" in md
+    assert "0.6000 ± 0.1414" in md  # kl cr@1
+    assert "failed: 2 consecutive steps had a non-finite loss" in md
+    assert "By teacher modality" in md and "cr@1\\|modes=1" in md
+    with open(out / "report.csv", newline="") as f:
+        rows = {r["loss"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"kl", "kl+rank", "rank"}
+    assert float(rows["kl"]["cr@1_mean"]) == pytest.approx(0.6)
+    assert float(rows["kl"]["cr@1_std"]) == pytest.approx(math.sqrt(0.02))
+    assert rows["rank"]["cr@1_std"] == "" and rows["rank"]["cr@1_n"] == "1"
+    assert rows["kl+rank"]["failed"] == "1" and "non-finite" in rows["kl+rank"]["errors"]
+    for name in ("curves.png", "final_bars.png", "modes.png"):
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300 and img.shape[2] in (3, 4)
+        assert img[..., :3].std() > 0.05  # something was drawn
+
+
+def test_no_modes_plot_without_modes_keys(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(SWEEP / "0", run)
+    s = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in s.items() if "|" not in k}))
+    result = report.write_report([run])
+    assert "modes.png" not in result["files"] and (run / "final_bars.png").exists()
+    assert result["groups"][0].label == "loss=kl"  # nothing swept: named by its loss mix
+
+
+def test_cli_report_and_errors(tmp_path):
+    res = run_cli(["report", str(SWEEP), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert "kl+rank" in res.output and "failed" in res.output
+    assert (tmp_path / "rep" / "report.md").exists()
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    res = run_cli(["report", str(empty)])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error: no runs found under") and str(empty) in res.output
+    assert "Traceback" not in res.output
+    with pytest.raises(RlkdError, match="does not exist"):
+        report.discover_runs([tmp_path / "missing"])
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install rlkd[tensorboard]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    res = run_cli(["distill", *QUICK, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.log_every=1",
+                   "logger=tensorboard", f"hydra.run.dir={run}"])
+    assert res.exit_code == 0, res.output
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "validation/loss", "validation/cr@1"} <= tags
+    # the JSONL is still written, and TensorBoard holds the same numbers
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "validation"][-1]
+    # by-modes keys: a tag for every non-empty bucket (empty buckets are NaN in the JSONL, not logged)
+    buckets = [k.partition("|")[2] for k in val if k.startswith("count|")]
+    assert buckets == ["modes=1", "modes=2", "modes>=3"]
+    for b in buckets:
+        assert (f"validation/cr@1|{b}" in tags) == (val[f"count|{b}"] > 0)
+    assert sum(val[f"count|{b}"] for b in buckets) == val["positions"]
+    assert acc.Scalars("validation/cr@1")[-1].value == pytest.approx(val["cr@1"], abs=1e-6)
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in records if r["split"] == "train"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert "cr@2|modes=1" in summary and "or@5|modes>=3" in summary
+
+
+def test_missing_tensorboard_is_a_clear_error(monkeypatch, tmp_path):
+    import builtins
+
+    from rlkd_cli.logger import MetricsLogger
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError("no tensorboard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RlkdError, match=r"pip install rlkd\[tensorboard\]"):
+        MetricsLogger.from_config({"name": "tensorboard", "log_dir": "tensorboard"}, tmp_path)
