@@ -86,7 +86,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     out_dir = ensure_writable_dir(out_dir)
     checkpoints = [str(c) for c in (cfg.get("checkpoints") or [])]
     require(len(checkpoints) > 0, "no checkpoints to measure; pass checkpoints=[PATH,...] "
-            "(e.g. checkpoints=[outputs/distill/RUN/checkpoints/step-000400])")
+            "(e.g. checkpoints=[outputs/distill/RUN/checkpoints/step-000300])")
     for c in checkpoints:
         require(Path(c).expanduser().is_dir(), f"checkpoint '{c}' is not a folder; pass model folders written "
                 "by rlkd (checkpoints/step-*) or save_pretrained")
@@ -123,13 +123,24 @@ def _print_table(result: dict[str, Any], ks: list[int]) -> None:
 
     table = Table(title=f"Alignment with the teacher ({result['dataset']}/{result['split']}, "
                         f"{result['positions']} positions; teacher ppl {result['teacher_ppl']:.3f})")
-    table.add_column("checkpoint", overflow="fold")
+    table.add_column("checkpoint", no_wrap=True)
     for k in ks:
         table.add_column(f"CR@{k}", justify="right")
     for k in ks:
         table.add_column(f"OR@{k}", justify="right")
     table.add_column("ppl", justify="right")
     for row in result["checkpoints"]:
-        table.add_row(row["checkpoint"], *[f"{row[f'cr@{k}']:.4f}" for k in ks],
+        table.add_row(short_label(row["checkpoint"]), *[f"{row[f'cr@{k}']:.4f}" for k in ks],
                       *[f"{row[f'or@{k}']:.4f}" for k in ks], f"{row['ppl']:.3f}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: no 80-column squeeze
+        console = Console(width=200)
+    console.print(table)
+
+
+def short_label(path: str) -> str:
+    """``.../<run>/checkpoints/step-000300`` -> ``<run>/step-000300``; other paths: their last two parts."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return f"{parts[-3]}/{parts[-1]}"
+    return "/".join(parts[-2:])

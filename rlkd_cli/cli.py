@@ -17,6 +17,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rlkd_cli.config import GROUPS, conf_dir, group_options, groups_help
 from rlkd_cli.errors import RlkdError
@@ -64,6 +65,21 @@ def _check_group_choices(args: list[str]) -> None:
             if choice and choice not in available and choice.lower() not in ("null", "none"):
                 raise RlkdError(f"unknown {group} '{choice}'; available: {', '.join(available)} "
                                 f"(or add conf/{group}/{choice}.yaml)")
+
+
+_DISK_FULL = ("the disk is full (no space left on device) while writing{where}; free some space, lower "
+              "trainer.keep_last, or put the run on a disk with room (hydra.run.dir=..., RLKD_CACHE_DIR=...), "
+              "then continue with trainer.resume=auto")
+
+
+def _disk_full(ex: BaseException) -> bool:
+    """True for an out-of-space error: errno ENOSPC/EDQUOT, or a library's wrapped message saying so."""
+    import errno
+
+    if isinstance(ex, OSError) and ex.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(ex)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
 
 
 def _format_hydra_error(ex: BaseException) -> str:
@@ -114,25 +130,31 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     except RlkdError as ex:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {ex}")
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(ex))}")
         raise typer.Exit(ex.exit_code)
     except (HydraException, OmegaConfBaseException) as ex:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {_format_hydra_error(ex)}")
+        err_console.print(f"[bold red]error:[/bold red] {escape(_format_hydra_error(ex))}")
         raise typer.Exit(2)
     except OSError as ex:
         if debug:
             raise
         where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
-        err_console.print(f"[bold red]error:[/bold red] {ex.strerror or ex}{where}; check the path and its "
+        if _disk_full(ex):
+            err_console.print(f"[bold red]error:[/bold red] {escape(_DISK_FULL.format(where=where))}")
+            raise typer.Exit(2)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(ex.strerror or ex) + where)}; check the path and its "
                           "permissions (the run dir is set with hydra.run.dir=...)")
         raise typer.Exit(2)
     except Exception as ex:  # a bug, not a user error: still one line unless --debug
         if debug:
             raise
+        if _disk_full(ex):  # e.g. safetensors' own I/O error on a full disk
+            err_console.print(f"[bold red]error:[/bold red] {escape(_DISK_FULL.format(where=''))}")
+            raise typer.Exit(2)
         err_console.print(f"[bold red]error:[/bold red] unexpected {type(ex).__name__}: "
-                          f"{' '.join(str(ex).split())[:400]} (rerun with --debug for the traceback)")
+                          f"{escape(' '.join(str(ex).split())[:400])} (rerun with --debug for the traceback)")
         raise typer.Exit(1)
     finally:
         sys.argv = prev_argv
@@ -143,7 +165,7 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     if _FAILED_JOBS:
         err_console.print(f"[bold red]{len(_FAILED_JOBS)} sweep job(s) failed:[/bold red]")
         for job_dir, message in _FAILED_JOBS:
-            err_console.print(f"  {job_dir}: {message}")
+            err_console.print(f"  {escape(job_dir)}: {escape(message)}")
         raise typer.Exit(1)
 
 
@@ -228,6 +250,26 @@ def measure_alignment(ctx: typer.Context) -> None:
 def evaluate(ctx: typer.Context) -> None:
     """Downstream metrics (accuracy, ROUGE-L, perplexity) of a model or checkpoints, or of a predictions file."""
     run_hydra("evaluate", _evaluate_task, list(ctx.args))
+
+
+@app.command()
+def report(
+    paths: list[Path] = typer.Argument(..., help="run or sweep folders (searched recursively for runs)"),
+    out: Path = typer.Option(None, "--out", help="where report.md, report.csv and the plots go (default: the first PATH)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Tables and plots over runs and sweeps: mean ± std over seeds per swept setting, curves, by-modes split."""
+    from rich.console import Console
+
+    from rlkd_cli import report as report_mod
+
+    try:
+        report_mod.write_report(paths, out, console=Console(highlight=False, soft_wrap=False))
+    except RlkdError as ex:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(ex))}")
+        raise typer.Exit(ex.exit_code)
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Where the config tree lives, what its groups offer, and checks of values Hydra cannot type-check.
 
 The tree is ``conf/`` at the repository root (an editable install) or ``rlkd_cli/conf`` inside an
-installed wheel. Primary configs: ``sft.yaml``, ``distill.yaml``, ``measure-alignment.yaml``; groups:
-``teacher``, ``student``, ``dataset``, ``loss``, ``trainer``.
+installed wheel. Primary configs: ``sft.yaml``, ``distill.yaml``, ``measure-alignment.yaml``, ``evaluate.yaml``; groups:
+``teacher``, ``student``, ``dataset``, ``loss``, ``trainer``, ``logger``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlkd_cli.errors import RlkdError, require
 
-GROUPS = ("teacher", "student", "dataset", "loss", "trainer")
+GROUPS = ("teacher", "student", "dataset", "loss", "trainer", "logger")
 
 
 def conf_dir() -> Path:

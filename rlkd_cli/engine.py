@@ -28,7 +28,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from rlkd_cli import metrics as metrics_mod
 from rlkd_cli import models
 from rlkd_cli.config import validate_ks, validate_trainer
 from rlkd_cli.errors import RlkdError, require
-from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
+from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, dumps, ensure_writable_dir
 from rlkd_cli.losses import Objective
 
 log = logging.getLogger("rlkd.engine")
@@ -221,21 +221,140 @@ def save_checkpoint(out_dir: Path, *, model, tokenizer, cfg: DictConfig, state: 
     return target
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "rlkd_config.yaml", *STATE_FILES)
+
+
+def missing_checkpoint_files(path: Path) -> list[str]:
+    """The files of a complete rlkd checkpoint that ``path`` lacks (all of them if it is no folder)."""
+    if not path.is_dir():
+        return list(CHECKPOINT_FILES)
+    return [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+
+
+def clean_checkpoint_leftovers(ckpt_root: Path) -> list[str]:
+    """Tidy ``checkpoints/`` after a killed save; return the names removed.
+
+    A save killed before its rename leaves a ``.tmp-*`` folder (or file): never complete, removed.
+    A replacement killed between its two renames leaves ``.old-<name>-<pid>`` with ``<name>`` gone:
+    that folder is the complete previous version and is renamed back; otherwise it is removed.
+    """
+    removed: list[str] = []
+    if not ckpt_root.is_dir():
+        return removed
+    for item in sorted(ckpt_root.iterdir()):
+        if item.name.startswith(".old-"):
+            original = ckpt_root / item.name[len(".old-"):].rsplit("-", 1)[0]
+            if item.is_dir() and not original.exists():
+                os.replace(item, original)
+                continue
+        elif not item.name.startswith(".tmp-"):
+            continue
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+        removed.append(item.name)
+    return removed
+
+
 def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    """``auto``: this run dir's latest complete checkpoint (None if there is none); else the given path."""
+    """The checkpoint to resume from.
+
+    ``auto``: the folder ``checkpoints/latest`` names if it is complete, else (a pointer lost or a
+    folder damaged after the fact) the newest complete ``checkpoints/step-*``; ``None`` when the run
+    dir has no checkpoint yet. Leftovers of a killed save are cleaned first. Any other value is a
+    path that must be a complete checkpoint.
+    """
     if resume == "auto":
-        pointer = out_dir / "checkpoints" / "latest"
-        if not pointer.exists():
+        root = out_dir / "checkpoints"
+        removed = clean_checkpoint_leftovers(root)
+        if removed:
+            log.warning("trainer.resume=auto: removed leftovers of an interrupted save: %s", ", ".join(removed))
+        candidates: list[Path] = []
+        pointer = root / "latest"
+        if pointer.is_file() and pointer.read_text().strip():
+            candidates.append(root / pointer.read_text().strip())
+        candidates += sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+        if not candidates:
             return None
-        path = out_dir / "checkpoints" / pointer.read_text().strip()
-    else:
-        path = Path(os.path.expanduser(resume))
-    missing = [f for f in ("config.json", "trainer_state.json", "optimizer.pt") if not (path / f).exists()]
-    if not path.is_dir() or missing:
+        for path in candidates:
+            if not missing_checkpoint_files(path):
+                if path != candidates[0]:
+                    log.warning("trainer.resume=auto: %s is missing or incomplete; using %s", candidates[0], path)
+                return path
+        raise RlkdError(f"cannot resume: {root} holds no complete checkpoint; start afresh in a new run dir "
+                        "(hydra.run.dir=...) or pass trainer.resume=PATH of a complete checkpoints/step-* folder")
+    path = Path(os.path.expanduser(resume))
+    missing = missing_checkpoint_files(path)
+    if missing:
         raise RlkdError(f"cannot resume from '{path}': not a complete rlkd checkpoint (missing "
-                        f"{', '.join(missing) or 'the folder'}); use trainer.resume=auto in the run dir or a "
-                        "checkpoints/step-* folder")
+                        f"{'the folder' if not path.is_dir() else ', '.join(missing)}); use trainer.resume=auto "
+                        "in the run dir or a checkpoints/step-* folder")
     return path
+
+
+def _load_state_file(path: Path, **kwargs) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise RlkdError(f"refusing to load {path}: it holds pickled Python objects, not plain tensors "
+                            "(rlkd loads trainer state with torch.load(weights_only=True) only); resume from a "
+                            "checkpoint written by rlkd") from e
+        raise RlkdError(f"checkpoint file {path} is corrupt ({_first_line(e)}); resume from an earlier "
+                        "checkpoints/step-* folder") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RlkdError(f"checkpoint file {path} is corrupt ({_first_line(e)}); resume from an earlier "
+                        "checkpoints/step-* folder") from e
+
+
+def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> TrainState:
+    """Restore weights (safetensors only), optimizer, scheduler and every RNG; return the trainer state.
+
+    Any unreadable or inconsistent file is an :class:`RlkdError` naming it (nothing is half-restored
+    silently: the caller stops).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise RlkdError(f"checkpoint {ckpt} is corrupt: model.safetensors cannot be read ({_first_line(e)}); "
+                        "resume from an earlier checkpoints/step-* folder") from e
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied weights (lm_head = embed_tokens) are stored once
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    require(not missing and not unexpected, f"checkpoint {ckpt} does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    try:
+        optimizer.load_state_dict(_load_state_file(ckpt / "optimizer.pt", map_location="cpu"))
+        scheduler.load_state_dict(_load_state_file(ckpt / "scheduler.pt"))
+        _set_rng_state(_load_state_file(ckpt / "rng_state.pt"))
+        return TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    except RlkdError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise RlkdError(f"checkpoint {ckpt} is corrupt or from another model/optimizer ({type(e).__name__}: "
+                        f"{_first_line(e)}); resume from an earlier checkpoints/step-* folder") from e
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; +inf for a blank or torn line (a kill mid-write), so it is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +387,8 @@ def evaluate(student, teacher, batches: list[dict[str, torch.Tensor]], objective
         count += float(mask.sum())
         if t is not None:
             for key, value in metrics_mod.alignment_sums(s, t, ks, mask).items():
+                align[key] = align.get(key, 0.0) + float(value)
+            for key, value in metrics_mod.alignment_sums_by_modes(s, t, ks, mask).items():
                 align[key] = align.get(key, 0.0) + float(value)
     student.train()
     out = {k: v / max(count, 1.0) for k, v in sums.items()}
@@ -367,35 +488,29 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     # --- resume -------------------------------------------------------------------------------------
     state = TrainState()
     metrics_path = out_dir / "metrics.jsonl"
+    from rlkd_cli.logger import MetricsLogger
+
+    metrics_logger = MetricsLogger.from_config(cfg.get("logger"), out_dir, enabled=is_main)
     resume = tc.get("resume")
     ckpt = find_resume_checkpoint(out_dir, str(resume)) if resume else None
     if resume and ckpt is None:
         log.info("%strainer.resume=auto: no checkpoint in %s yet, starting fresh", tag, out_dir)
     if ckpt is not None:
-        saved = OmegaConf.load(ckpt / "rlkd_config.yaml")
+        try:
+            saved = OmegaConf.load(ckpt / "rlkd_config.yaml")
+        except Exception as e:  # yaml or OmegaConf errors: the file is damaged
+            raise RlkdError(f"checkpoint {ckpt} is corrupt: rlkd_config.yaml cannot be read ({_first_line(e)}); "
+                            "resume from an earlier checkpoints/step-* folder") from e
         diff = config_differences(saved, cfg)
         if diff and not tc.get("force_resume", False):
             raise RlkdError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff[:6])}"
                             f"{' ...' if len(diff) > 6 else ''}; run with the checkpoint's config or set "
                             "trainer.force_resume=true")
-        from safetensors.torch import load_file
-
-        weights = load_file(str(ckpt / "model.safetensors"))
-        unwrapped = accelerator.unwrap_model(student)
-        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-        # tied weights (lm_head = embed_tokens) are stored once
-        missing = [m for m in missing if not (m.endswith("lm_head.weight") and unwrapped.config.tie_word_embeddings)]
-        require(not missing and not unexpected, f"checkpoint {ckpt} does not match the model "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
-        if getattr(unwrapped.config, "tie_word_embeddings", False):
-            unwrapped.tie_weights()
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))
-        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        state = load_checkpoint(ckpt, model=accelerator.unwrap_model(student), optimizer=optimizer,
+                                scheduler=scheduler)
         log.info("%sresumed from %s at step %d", tag, ckpt, state.step)
         if is_main and metrics_path.exists():  # drop lines logged after that checkpoint
-            kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state.step]
+            kept = [l for l in metrics_path.read_text().splitlines() if _logged_step(l) <= state.step]
             atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
@@ -414,16 +529,23 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
              device_name, precision, f"teacher {models.describe(cfg.teacher)}" if teacher is not None else "no teacher",
              int(tc.max_steps), int(tc.batch_size), objective.describe())
 
+    saved_at = {"step": None, "path": None}
+
     def save():
-        if is_main:
-            return save_checkpoint(out_dir, model=accelerator.unwrap_model(student), tokenizer=tokenizer, cfg=cfg,
-                                   state=state, optimizer=optimizer, scheduler=scheduler, keep_last=int(tc.keep_last))
-        return None
+        if saved_at["step"] != state.step:  # one checkpoint per step (SIGTERM right after a scheduled save)
+            path = None
+            if is_main:
+                path = save_checkpoint(out_dir, model=accelerator.unwrap_model(student), tokenizer=tokenizer,
+                                       cfg=cfg, state=state, optimizer=optimizer, scheduler=scheduler,
+                                       keep_last=int(tc.keep_last))
+            saved_at.update(step=state.step, path=path)
+        return saved_at["path"]
 
     def write_metrics(record: dict[str, Any]) -> None:
         if is_main:
             with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps(record) + "\n")
+            metrics_logger.log(record)
 
     progress = _Progress(enabled=bool(tc.get("progress", True)) and is_main, total=int(tc.max_steps),
                          start=state.step, label=f"{log_prefix or mode}")
@@ -444,6 +566,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                            "checkpoint": str(last_ckpt) if last_ckpt else None}
                 if is_main:
                     atomic_write_json(out_dir / "summary.json", summary)
+                metrics_logger.close()
                 return summary
             t0 = time.perf_counter()
             # 1. the step's micro-batches and their total count of response positions
@@ -547,6 +670,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                 log.warning("%sSIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
                             tag, last_ckpt, state.step)
                 raise SystemExit(143)
+    except BaseException:
+        metrics_logger.close()
+        raise
     finally:
         progress.close()
         if old_handler is not None:
@@ -555,6 +681,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     # --- final validation, checkpoint, summary ---------------------------------------------------------
     val = evaluate(student, teacher, val_batches, objective, vocab, ks, accelerator)
     write_metrics({"step": state.step, "split": "validation", **val})
+    metrics_logger.close()
     last_ckpt = save()
     summary = {
         "command": mode, "status": "completed", "step": state.step, "max_steps": int(tc.max_steps),
@@ -573,7 +700,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         atomic_write_json(out_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     log.info("%sdone: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
-                                           if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))))
+                                           if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))
+                                           and "|" not in k))
     return summary
 
 

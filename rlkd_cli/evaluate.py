@@ -55,7 +55,7 @@ from rlkd_cli import dataset as data_mod
 from rlkd_cli import models
 from rlkd_cli.engine import choose_device_and_precision, resolve_tokenizer, shift_for_next_token
 from rlkd_cli.errors import RlkdError, require
-from rlkd_cli.io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from rlkd_cli.io import atomic_write_json, atomic_write_text, dumps, ensure_writable_dir
 
 log = logging.getLogger("rlkd.evaluate")
 
@@ -405,7 +405,7 @@ def _model_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     for c in checkpoints:
         path = Path(str(c)).expanduser()
         require(path.is_dir(), f"checkpoint '{c}' is not a folder; pass model folders written by rlkd "
-                "(checkpoints/step-*) or save_pretrained, e.g. checkpoints=[outputs/distill/RUN/checkpoints/step-000400]")
+                "(checkpoints/step-*) or save_pretrained, e.g. checkpoints=[outputs/distill/RUN/checkpoints/step-000300]")
         require((path / "config.json").is_file(), f"checkpoint '{c}' is not a model folder (no config.json); pass "
                 "a checkpoints/step-* folder of an rlkd run, or a folder written by save_pretrained")
         specs.append({"label": str(c), "role": "checkpoint", "path": str(c),
@@ -550,23 +550,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "metric": state.metric, "predictions_file": str(predictions) if predictions is not None else None,
         "eval": ev, "models": rows,
     }
-    atomic_write_json(out_dir / "results.json", _json_safe(result))
+    atomic_write_json(out_dir / "results.json", result)
     atomic_write_text(out_dir / "predictions.jsonl",
-                      "".join(json.dumps(_json_safe(line), ensure_ascii=False) + "\n" for line in lines))
+                      "".join(dumps(line, ensure_ascii=False) + "\n" for line in lines))
     log.info("wrote %s and %s (%d lines)", out_dir / "results.json", out_dir / "predictions.jsonl", len(lines))
     _print_table(result)
     return result
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _prediction_lines(label: str, examples: list[dict], preds: list[str], per: list[dict]) -> list[dict]:
@@ -699,9 +688,11 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rlkd_cli.alignment import short_label
+
     metric = result["metric"]
     table = Table(title=f"rlkd evaluate: {result['dataset']}/{result['split']} ({metric})")
-    table.add_column("model", overflow="fold")
+    table.add_column("model", no_wrap=True)
     columns = [metric] if metric != "perplexity" else []
     if any("perplexity" in r for r in result["models"]):
         columns.append("perplexity")
@@ -711,8 +702,11 @@ def _print_table(result: dict[str, Any]) -> None:
     table.add_column("scored", justify="right")
     for r in result["models"]:
         cells = [_fmt(r.get(c), 4 if c == "accuracy" else 2 if c == "rougeL" else 3) for c in columns]
-        table.add_row(r["model"], *cells, str(r.get("examples", "-")), str(r.get("scored", "-")))
-    Console().print(table)
+        table.add_row(r["model"] if r.get("role") in ("teacher", "predictions") else short_label(str(r["model"])), *cells, str(r.get("examples", "-")), str(r.get("scored", "-")))
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: no 80-column squeeze
+        console = Console(width=200)
+    console.print(table)
 
 
 __all__ = ["accuracy_score", "context_length", "encode_prompts", "extract_final_number", "generate",
