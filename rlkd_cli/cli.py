@@ -264,7 +264,10 @@ def report(
     from rlkd_cli import report as report_mod
 
     try:
-        report_mod.write_report(paths, out, console=Console(highlight=False, soft_wrap=False))
+        console = Console(highlight=False, soft_wrap=False)
+        if not console.is_terminal:  # logs and pipes: no 80-column squeeze
+            console = Console(highlight=False, soft_wrap=False, width=200)
+        report_mod.write_report(paths, out, console=console)
     except RlkdError as ex:
         if debug:
             raise
