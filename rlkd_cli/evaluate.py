@@ -185,15 +185,8 @@ def score_predictions(metric: str, predictions: Sequence[str], references: Seque
 # ----------------------------------------------------------------------------------------------
 
 def _bos_prefix(tokenizer) -> list[int]:
-    """``[bos]`` if the tokenizer prepends BOS itself when encoding (as training's sequences start), else ``[]``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if len(with_sp) > len(without) and with_sp[0] == bos and with_sp[1:1 + len(without)] == without:
-        return [int(bos)]
-    return []
+    """The BOS prefix training sequences start with (shared with :mod:`rlkd_cli.dataset`)."""
+    return [int(t) for t in data_mod._bos_prefix(tokenizer)]
 
 
 def _pad_id(tokenizer) -> int:
