@@ -637,6 +637,11 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
 
             # 4. log
             if finite:
+                if world > 1 and step_sums:  # this process's sums -> all processes' (n_pos is global)
+                    keys = sorted(step_sums)
+                    summed = accelerator.reduce(torch.tensor([step_sums[k] for k in keys],
+                                                             device=accelerator.device), reduction="sum")
+                    step_sums = dict(zip(keys, summed.tolist()))
                 for key, value in step_sums.items():
                     window[key] = window.get(key, 0.0) + value / max(n_pos, 1)
                 window_steps += 1
