@@ -24,6 +24,7 @@ from rlkd_cli.config import validate_ks
 from rlkd_cli.engine import choose_device_and_precision, resolve_tokenizer, shift_for_next_token
 from rlkd_cli.errors import RlkdError, require
 from rlkd_cli.io import atomic_write_json, ensure_writable_dir
+from rlkd_cli.losses import cross_entropy
 
 log = logging.getLogger("rlkd.alignment")
 
@@ -33,9 +34,8 @@ def _same_tokenizer(a, b) -> bool:
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return float(-(picked * mask).sum())
+    """Summed negative log-likelihood of the reference tokens at the counted positions."""
+    return float(cross_entropy(logits, None, mask, labels=targets, reduction="sum"))
 
 
 @torch.no_grad()

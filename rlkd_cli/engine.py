@@ -40,7 +40,7 @@ from rlkd_cli import models
 from rlkd_cli.config import validate_ks, validate_trainer
 from rlkd_cli.errors import RlkdError, require
 from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, dumps, ensure_writable_dir
-from rlkd_cli.losses import Objective
+from rlkd_cli.losses import Objective, cross_entropy
 
 log = logging.getLogger("rlkd.engine")
 
@@ -382,8 +382,7 @@ def evaluate(student, teacher, batches: list[dict[str, torch.Tensor]], objective
         sums["loss"] = sums.get("loss", 0.0) + float(total)
         for key, value in terms.items():
             sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + float(value)
-        logp = torch.log_softmax(s.float(), dim=-1)
-        nll += float(-(logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum())
+        nll += float(cross_entropy(s, None, mask, labels=targets, reduction="sum"))
         count += float(mask.sum())
         if t is not None:
             for key, value in metrics_mod.alignment_sums(s, t, ks, mask).items():

@@ -56,6 +56,7 @@ from rlkd_cli import models
 from rlkd_cli.engine import choose_device_and_precision, resolve_tokenizer, shift_for_next_token
 from rlkd_cli.errors import RlkdError, require
 from rlkd_cli.io import atomic_write_json, atomic_write_text, dumps, ensure_writable_dir
+from rlkd_cli.losses import cross_entropy
 
 log = logging.getLogger("rlkd.evaluate")
 
@@ -325,9 +326,7 @@ def reference_perplexity(model, tokenizer, dataset_cfg, split: str, *, limit: in
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits, targets, mask = shift_for_next_token(logits, batch["labels"], vocab)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            nll += float(-(picked * mask).sum())
+            nll += float(cross_entropy(logits, None, mask, labels=targets, reduction="sum"))
             count += int(mask.sum())
     finally:
         model.train(was_training)
