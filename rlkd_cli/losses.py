@@ -61,6 +61,7 @@ __all__ = [
     "LOGP_FLOOR",
     "LOSSES",
     "Objective",
+    "TopKLogits",
     "adaptive_kl",
     "align_vocab",
     "apply_divergence",
@@ -72,6 +73,7 @@ __all__ = [
     "get_loss",
     "js",
     "loss_options",
+    "lumped_log_probs",
     "ranking_loss",
     "register_loss",
     "reverse_kl",
@@ -87,6 +89,10 @@ LOGP_FLOOR = -1.0e6
 #: Non-finite logits gathered by :func:`ranking_loss` are replaced by ``±`` this value before the
 #: pairwise differences (``-inf``/``NaN`` rank lowest, ``+inf`` highest).
 RANK_BIG = 1.0e30
+
+#: With a cached (top-K) teacher, a student candidate outside the cache gets the K-th cached teacher
+#: logit minus this margin (logit units): it ranks below every cached id, almost hard for tau ~ 1.
+RANK_CACHE_MARGIN = 10.0
 
 #: Lower bound of the product of the two rank variances under the square root in
 #: :func:`ranking_loss` (exact Pearson above it; bounded gradients below it).
@@ -218,16 +224,28 @@ def _rows(x: torch.Tensor, pos: _Positions) -> torch.Tensor:
     return flat if pos.index is None else flat.index_select(0, pos.index)
 
 
-def _prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None):
-    _check_logits("student_logits", student_logits)
+def _check_teacher(student_logits: torch.Tensor, teacher_logits: Any) -> None:
+    """The teacher is dense logits of the student's shape, or a :class:`TopKLogits` of its positions."""
+    if isinstance(teacher_logits, TopKLogits):
+        teacher_logits.check_against(student_logits)
+        return
     _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise RlkdError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "differ in shape; cut both to the tokenizer's vocabulary with rlkd_cli.losses.align_vocab"
         )
+
+
+def _teacher_rows(teacher_logits: Any, pos: _Positions) -> Any:
+    return teacher_logits.select(pos.index) if isinstance(teacher_logits, TopKLogits) else _rows(teacher_logits, pos)
+
+
+def _prepare(student_logits: torch.Tensor, teacher_logits: Any, mask: torch.Tensor | None):
+    _check_logits("student_logits", student_logits)
+    _check_teacher(student_logits, teacher_logits)
     pos = _positions(student_logits.shape, mask, student_logits.device)
-    return _rows(student_logits, pos), _rows(teacher_logits, pos), pos
+    return _rows(student_logits, pos), _teacher_rows(teacher_logits, pos), pos
 
 
 def _reduce(values: torch.Tensor, pos: _Positions, reduction: str) -> torch.Tensor:
@@ -286,13 +304,187 @@ def apply_divergence(
         def my_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean", c=1.0):
             return apply_divergence(lambda ls, lt: c * ..., student_logits, teacher_logits, mask,
                                     temperature=temperature, reduction=reduction)
+
+    With a :class:`TopKLogits` teacher (a teacher cache) ``core`` receives the two
+    distributions lumped onto the K cached ids plus one tail bin, ``[N, K+1]`` each (see
+    :func:`lumped_log_probs`), so every divergence written this way works from a cache unchanged.
     """
     _check_reduction(reduction)
     _check_options(temperature=temperature)
     s, t, pos = _prepare(student_logits, teacher_logits, mask)
     dtype = _compute_dtype(student_logits)
-    values = core(_log_probs(s, temperature, dtype), _log_probs(t, temperature, dtype))
+    if isinstance(t, TopKLogits):
+        values = core(*lumped_log_probs(s, t, temperature=temperature))
+    else:
+        values = core(_log_probs(s, temperature, dtype), _log_probs(t, temperature, dtype))
     return _reduce(values, pos, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Top-K teachers: a teacher's distribution kept as its K largest logits (the teacher cache)
+# --------------------------------------------------------------------------------------------
+
+
+def _same_temperature(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
+
+
+@dataclass(frozen=True)
+class TopKLogits:
+    r"""A teacher's next-token distributions kept as their top-K logits, as a teacher cache stores them.
+
+    Fields, for positions of shape ``[...]`` (``[N]`` for rows):
+
+    * ``ids`` ``[..., K]``: the K token ids of largest teacher logit, by decreasing logit;
+    * ``logits`` ``[..., K]``: their raw logits :math:`z_v` (temperature 1), any float dtype;
+    * ``log_normalizer`` ``[..., T]``: :math:`\log Z_\tau = \mathrm{logsumexp}_v\, z_v/\tau` over the
+      whole vocabulary, one column per temperature in ``temperatures``;
+    * ``tail_log_mass`` ``[..., T]``: :math:`\log r_\tau`, the log of the teacher probability *outside*
+      the K ids at each temperature (``-inf`` when the K ids carry all of it);
+    * ``temperatures``: the temperatures of those columns.
+
+    The teacher's probability of a cached id is :math:`p_T(v) = \exp(z_v/\tau - \log Z_\tau)`
+    exactly; how the tail mass :math:`r_\tau` spreads over the other ids is unknown. Divergences
+    therefore compare the two distributions *lumped* onto K+1 bins (:func:`lumped_log_probs`), and
+    :func:`ranking_loss` ranks student ids outside the cache below the K-th cached logit.
+
+    Build one from dense logits with :meth:`from_logits` (what ``rlkd cache-teacher`` stores).
+    """
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    log_normalizer: torch.Tensor
+    tail_log_mass: torch.Tensor
+    temperatures: tuple[float, ...] = (1.0,)
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The positions' shape (``ids.shape`` without the K axis)."""
+        return self.ids.shape[:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(cls, logits: torch.Tensor, k: int, temperatures: Any = (1.0,)) -> "TopKLogits":
+        """The exact top-``k`` summary of dense logits ``[..., V]`` at the given temperatures."""
+        _check_logits("logits", logits)
+        _check_k("k", k)
+        temps = tuple(float(t) for t in temperatures)
+        if not temps:
+            raise RlkdError("temperatures must list at least one temperature, e.g. [1.0]")
+        for t in temps:
+            _check_positive("temperature", t)
+        k = min(k, logits.shape[-1])
+        z = logits.to(_compute_dtype(logits))
+        top = z.topk(k, dim=-1, sorted=True)
+        rest = z.scatter(-1, top.indices, -math.inf)
+        norms, tails = [], []
+        for t in temps:
+            norm = torch.logsumexp(z / t, dim=-1)
+            norms.append(norm)
+            tails.append(torch.logsumexp(rest / t, dim=-1) - norm)
+        return cls(ids=top.indices, logits=top.values.to(logits.dtype), log_normalizer=torch.stack(norms, -1),
+                   tail_log_mass=torch.stack(tails, -1), temperatures=temps)
+
+    def check_against(self, student_logits: torch.Tensor) -> None:
+        """Shapes and ids must fit ``student_logits`` ``[..., V]``; one line naming the mismatch otherwise."""
+        for name in ("ids", "logits", "log_normalizer", "tail_log_mass"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise RlkdError(f"TopKLogits.{name} must be a tensor")
+        if self.ids.is_floating_point() or self.ids.dtype == torch.bool:
+            raise RlkdError(f"TopKLogits.ids must be an integer tensor, got dtype {self.ids.dtype}")
+        if tuple(self.logits.shape) != tuple(self.ids.shape):
+            raise RlkdError(f"TopKLogits.logits {tuple(self.logits.shape)} and ids {tuple(self.ids.shape)} differ in shape")
+        n_t = len(self.temperatures)
+        for name in ("log_normalizer", "tail_log_mass"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (*self.shape, n_t):
+                raise RlkdError(f"TopKLogits.{name} has shape {shape}, expected {(*self.shape, n_t)} "
+                                f"(positions x {n_t} temperature(s))")
+        if tuple(self.shape) != tuple(student_logits.shape[:-1]):
+            raise RlkdError(f"the cached teacher has positions of shape {tuple(self.shape)} but the student logits "
+                            f"{tuple(student_logits.shape)}; both must cover the same positions")
+        vocab = student_logits.shape[-1]
+        if self.ids.numel() and (int(self.ids.min()) < 0 or int(self.ids.max()) >= vocab):
+            raise RlkdError(f"the cached teacher has token ids outside the student's vocabulary [0, {vocab}); "
+                            "teacher cache and student must share the tokenizer")
+
+    def select(self, index: torch.Tensor | None) -> "TopKLogits":
+        """The positions ``index`` of the flattened positions as rows (all of them for ``None``)."""
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            return flat if index is None else flat.index_select(0, index.to(flat.device))
+
+        return TopKLogits(rows(self.ids), rows(self.logits), rows(self.log_normalizer), rows(self.tail_log_mass),
+                          self.temperatures)
+
+    def __getitem__(self, rows: slice) -> "TopKLogits":
+        """A slice of rows (the leading axis)."""
+        return TopKLogits(self.ids[rows], self.logits[rows], self.log_normalizer[rows], self.tail_log_mass[rows],
+                          self.temperatures)
+
+    def to(self, device: torch.device | str) -> "TopKLogits":
+        return TopKLogits(self.ids.to(device), self.logits.to(device), self.log_normalizer.to(device),
+                          self.tail_log_mass.to(device), self.temperatures)
+
+    def column(self, temperature: float) -> int:
+        """The index of ``temperature`` among :attr:`temperatures`; a clear error if it was not cached."""
+        for i, t in enumerate(self.temperatures):
+            if _same_temperature(t, temperature):
+                return i
+        raise RlkdError(f"the cached teacher has log-normalisers for temperature(s) "
+                        f"{', '.join(f'{t:g}' for t in self.temperatures)} but a loss term uses temperature "
+                        f"{temperature:g}; rebuild the cache with that temperature (rlkd cache-teacher "
+                        f"cache.temperatures=[{temperature:g}])")
+
+    def log_probs(self, temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p_T of the K ids [..., K], log tail mass [...])`` at ``temperature``, floored at LOGP_FLOOR."""
+        c = self.column(temperature)
+        z = self.logits.to(dtype)
+        if temperature != 1.0:
+            z = z / temperature
+        lp = (z - self.log_normalizer[..., c:c + 1].to(dtype)).clamp_min(LOGP_FLOOR)
+        return lp, self.tail_log_mass[..., c].to(dtype).clamp_min(LOGP_FLOOR)
+
+
+def lumped_log_probs(student_logits: torch.Tensor, teacher: TopKLogits, *, temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Student and teacher distributions lumped onto the teacher's K cached ids plus one tail bin.
+
+    Returns ``(log_q, log_p)``, each ``[..., K+1]`` and floored at :data:`LOGP_FLOOR`: entries
+    ``0..K-1`` are the log-probabilities of the cached ids, entry ``K`` the log of the mass of every
+    other id. For the teacher, :math:`z_v/	au - \log Z_	au` and :math:`\log r_	au` from the cache;
+    for the student, :math:`\log\mathrm{softmax}(s/	au)` at the ids and the exact log-sum-exp of the
+    rest (no ``1 - sum`` cancellation). Gradients flow into ``student_logits``.
+
+    Any divergence :math:`D` evaluated on these two (K+1)-bin distributions is the divergence of
+    the two distributions *coarse-grained* by the partition {each cached id} ∪ {the rest}. For every
+    f-divergence (forward and reverse KL, JS and generalized JSD, TVD, skew KL and skew reverse KL)
+    the data-processing inequality gives :math:`D_\mathrm{lumped} \le D_\mathrm{exact}`, with
+    equality when, outside the cache, the student's distribution is proportional to the teacher's;
+    e.g. the forward KL misses exactly :math:`r_T\,\mathrm{KL}(p_T^\mathrm{tail} \| p_S^\mathrm{tail})`
+    (tail-normalised distributions). The error is at most of the order of the tail mass.
+    """
+    _check_logits("student_logits", student_logits)
+    teacher.check_against(student_logits)
+    dtype = _compute_dtype(student_logits)
+    ls_full = _log_probs(student_logits, temperature, dtype)
+    ids = teacher.ids.long().to(ls_full.device)
+    ls_top = ls_full.gather(-1, ids)
+    in_cache = torch.zeros_like(ls_full, dtype=torch.bool).scatter_(-1, ids, True)
+    # exact log of the student's mass outside the cached ids; cached entries are pushed to the floor
+    # (a finite value, so an empty tail gives a floored value and finite gradients, not NaN)
+    ls_tail = torch.logsumexp(ls_full.masked_fill(in_cache, LOGP_FLOOR), dim=-1).clamp_min(LOGP_FLOOR)
+    lt_top, lt_tail = teacher.to(ls_full.device).log_probs(temperature, dtype)
+    return (torch.cat([ls_top, ls_tail.unsqueeze(-1)], dim=-1),
+            torch.cat([lt_top, lt_tail.unsqueeze(-1)], dim=-1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,6 +826,17 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.where(x == math.inf, big, -big))
 
 
+def _cached_values(teacher: TopKLogits, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Teacher logits at ``ids`` ``[N, m]`` from a top-K cache; ids outside it: K-th value - margin."""
+    all_ids = teacher.ids.long()
+    values = _finite(teacher.logits.to(dtype))
+    eq = ids.unsqueeze(-1) == all_ids.unsqueeze(-2)  # [N, m, K]
+    found = eq.any(-1)
+    picked = torch.where(eq, values.unsqueeze(-2), torch.zeros((), dtype=dtype, device=values.device)).sum(-1)
+    below = (values[..., -1:] - RANK_CACHE_MARGIN).expand_as(picked)
+    return torch.where(found, picked, below)
+
+
 def _soft_rank(x: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
     r"""Soft ascending ranks :math:`r_i = \tfrac12 + \sum_{j\,\mathrm{valid}} \sigma((x_i-x_j)/\tau)`.
 
@@ -694,6 +897,13 @@ def ranking_loss(
     hard ranks), ``temperature`` (divides the logits before ranking, so only ``tau*temperature``
     matters). Gradient flows to the student logits only. Fully vectorised; memory is
     :math:`O(N (2k)^2)` for :math:`N` counted positions.
+
+    With a :class:`TopKLogits` teacher (a teacher cache holding K >= ``k`` logits per position)
+    the teacher's top-``k`` ids and values are the first ``k`` cached ones; a student candidate
+    that is among the K cached ids gets its cached teacher logit, one outside the cache gets the
+    K-th cached logit minus :data:`RANK_CACHE_MARGIN` (it ranks below every cached id, and such
+    ids tie with each other, as their order is unknown). With every candidate inside the cache
+    the loss equals the one from dense teacher logits.
     """
     _check_reduction(reduction)
     _check_options(k=k, index_set=index_set, tau=tau, temperature=temperature)
@@ -702,18 +912,30 @@ def ranking_loss(
     if k > vocab:
         raise RlkdError(f"ranking loss k={k} exceeds the vocabulary size {vocab}; use 1 <= k <= {vocab}")
     dtype = _compute_dtype(student_logits)
-    t = t.detach()
+    cached = isinstance(t, TopKLogits)
+    if cached and k > t.k:
+        raise RlkdError(f"ranking loss k={k} needs the teacher's top-{k}, but the cached teacher keeps only "
+                        f"K={t.k} logits per position; use k <= {t.k} or rebuild the cache with cache.top_k >= {k}")
     with torch.no_grad():
-        t_ids = t.topk(k, dim=-1).indices  # [N, k]
+        if cached:
+            t = t.to(s.device)
+            t_ids, t_top = t.ids[..., :k].long(), _finite(t.logits[..., :k].to(dtype))
+        else:
+            t = t.detach()
+            t_ids = t.topk(k, dim=-1).indices  # [N, k]
         if index_set == "union":
             s_ids = s.detach().topk(k, dim=-1).indices  # [N, k]
             seen = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1)  # student id already a teacher id
             ids = torch.cat([t_ids, s_ids], dim=-1)
             valid = torch.cat([torch.ones_like(seen), ~seen], dim=-1)
         else:
+            s_ids = None
             ids = t_ids
             valid = torch.ones_like(t_ids, dtype=torch.bool)
-        xt = _finite(t.gather(-1, ids).to(dtype))
+        if cached:
+            xt = t_top if s_ids is None else torch.cat([t_top, _cached_values(t, s_ids, dtype)], dim=-1)
+        else:
+            xt = _finite(t.gather(-1, ids).to(dtype))
         if temperature != 1.0:
             xt = xt / temperature
         rank_t = _soft_rank(xt, valid, tau)
@@ -933,7 +1155,7 @@ class Objective:
     def __call__(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None,
+        teacher_logits: "torch.Tensor | TopKLogits | None" = None,
         labels: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         *,
@@ -944,18 +1166,14 @@ class Objective:
         With ``reduction="mean"`` every value is the mean over the scored positions (see
         :meth:`position_mask`); with ``"sum"`` the total and every term are sums over them (the
         caller divides by the count); with ``"none"`` they are per-position tensors.
+        ``teacher_logits`` may be dense logits or a :class:`TopKLogits` (a teacher cache).
         """
         _check_reduction(reduction)
         _check_logits("student_logits", student_logits)
         if self.needs_teacher:
             if teacher_logits is None:
                 raise RlkdError(f"the loss {self.describe()} needs teacher logits")
-            _check_logits("teacher_logits", teacher_logits)
-            if teacher_logits.shape != student_logits.shape:
-                raise RlkdError(
-                    f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-                    "differ in shape; cut both to the tokenizer's vocabulary with rlkd_cli.losses.align_vocab"
-                )
+            _check_teacher(student_logits, teacher_logits)
         if self.needs_labels and labels is None:
             raise RlkdError(f"the loss {self.describe()} needs labels (ground-truth token ids)")
         batch_shape = student_logits.shape[:-1]
@@ -966,7 +1184,7 @@ class Objective:
         keep = self.position_mask(mask, labels)
         pos = _positions(student_logits.shape, keep, student_logits.device)
         s_rows = _rows(student_logits, pos)
-        t_rows = _rows(teacher_logits, pos) if (self.needs_teacher and teacher_logits is not None) else None
+        t_rows = _teacher_rows(teacher_logits, pos) if (self.needs_teacher and teacher_logits is not None) else None
         y_rows = None
         if labels is not None:
             y = labels.to(student_logits.device).reshape(-1)

@@ -5,6 +5,9 @@ r"""Alignment metrics between a student's and a teacher's next-token rankings.
 * **OR@k** (overlap rate): :math:`|\mathrm{top}_k(T) \cap \mathrm{top}_k(S)| / k`, averaged over
   positions (order ignored).
 
+The teacher may be dense logits ``[..., V]`` or a :class:`~rlkd_cli.losses.TopKLogits` (a teacher
+cache); with a cache, ``k`` may not exceed its K.
+
 Both follow the reduction semantics of :mod:`rlkd_cli.losses`: ``mask`` (shape ``[...]``, True =
 counted) selects positions; ``reduction="mean"`` divides the sum over counted positions by their
 number (0 when there are none), ``"sum"`` returns that sum, ``"none"`` per-position values with
@@ -35,7 +38,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from rlkd_cli.errors import RlkdError
-from rlkd_cli.losses import _check_reduction, _positions, _reduce, _rows
+from rlkd_cli.losses import TopKLogits, _check_reduction, _positions, _reduce, _rows, _teacher_rows
 
 __all__ = [
     "add_sums",
@@ -68,7 +71,12 @@ def _check_ks(ks, vocab: int) -> list[int]:
     return sorted(set(ks))
 
 
-def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+def _check_pair(student_logits: torch.Tensor, teacher_logits) -> None:
+    if isinstance(teacher_logits, TopKLogits):
+        if not isinstance(student_logits, torch.Tensor) or student_logits.dim() < 1:
+            raise RlkdError("student_logits must be a tensor of shape [..., V]")
+        teacher_logits.check_against(student_logits)
+        return
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise RlkdError(f"{name} must be a tensor of shape [..., V]")
@@ -77,6 +85,20 @@ def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> N
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "have different positions; they must share every dimension but the vocabulary"
         )
+
+
+def _vocab(student_logits: torch.Tensor, teacher_logits) -> int:
+    """The largest k the pair supports: the vocabulary, or a cached teacher's K."""
+    if isinstance(teacher_logits, TopKLogits):
+        return min(student_logits.shape[-1], teacher_logits.k)
+    return min(student_logits.shape[-1], teacher_logits.shape[-1])
+
+
+def _teacher_topk(t_rows, k: int) -> torch.Tensor:
+    """The teacher's top-``k`` ids of rows: ``topk`` of dense logits, the first ``k`` of a cache."""
+    if isinstance(t_rows, TopKLogits):
+        return t_rows.ids[..., :k].long()
+    return t_rows.topk(k, dim=-1).indices
 
 
 def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,11 +128,11 @@ def _overlap_counts(s_ids: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
 def _per_position(student_logits, teacher_logits, k, mask, reduction, kind: str) -> torch.Tensor:
     _check_reduction(reduction)
     _check_pair(student_logits, teacher_logits)
-    _check_k(k, min(student_logits.shape[-1], teacher_logits.shape[-1]))
+    _check_k(k, _vocab(student_logits, teacher_logits))
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
         s_ids = _rows(student_logits, pos).topk(k, dim=-1).indices
-        t_ids = _rows(teacher_logits, pos).topk(k, dim=-1).indices.to(s_ids.device)
+        t_ids = _teacher_topk(_teacher_rows(teacher_logits, pos), k).to(s_ids.device)
         if kind == "cr":
             values = (s_ids == t_ids).all(-1).float()
         else:
@@ -159,12 +181,12 @@ def alignment_sums(student_logits, teacher_logits, ks: Iterable[int], mask=None)
     docstring on ties).
     """
     _check_pair(student_logits, teacher_logits)
-    ks = _check_ks(ks, min(student_logits.shape[-1], teacher_logits.shape[-1]))
+    ks = _check_ks(ks, _vocab(student_logits, teacher_logits))
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
         K = max(ks)
         s_ids = _rows(student_logits, pos).topk(K, dim=-1).indices
-        t_ids = _rows(teacher_logits, pos).topk(K, dim=-1).indices.to(s_ids.device)
+        t_ids = _teacher_topk(_teacher_rows(teacher_logits, pos), K).to(s_ids.device)
         return _sums_from_ids(s_ids, t_ids, ks)
 
 
@@ -179,12 +201,16 @@ def teacher_modes(teacher_logits: torch.Tensor, ratio: float = 0.5, *, temperatu
     :math:`p_T = \mathrm{softmax}(z/\text{temperature})`. Computed on logits (the condition is
     :math:`z_v/\tau \ge \max_u z_u/\tau + \log\text{ratio}`), so no softmax is materialised.
     Returns a long tensor of shape ``[...]``; the value is at least 1 (the top token itself).
+    A :class:`~rlkd_cli.losses.TopKLogits` teacher is counted on its K cached logits (exact unless
+    all K qualify).
     """
     _check_ratio(ratio)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
         math.isfinite(temperature) and temperature > 0
     ):
         raise RlkdError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(teacher_logits, TopKLogits):
+        teacher_logits = teacher_logits.logits
     with torch.no_grad():
         x = teacher_logits.to(torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32)
         if temperature != 1.0:
@@ -233,14 +259,14 @@ def alignment_sums_by_modes(
     modes than ``bins[0]`` are in no bucket.
     """
     _check_pair(student_logits, teacher_logits)
-    ks = _check_ks(ks, min(student_logits.shape[-1], teacher_logits.shape[-1]))
+    ks = _check_ks(ks, _vocab(student_logits, teacher_logits))
     buckets = _bucket_labels(bins)
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
         K = max(ks)
-        t_rows = _rows(teacher_logits, pos)
+        t_rows = _teacher_rows(teacher_logits, pos)
         s_ids = _rows(student_logits, pos).topk(K, dim=-1).indices
-        t_ids = t_rows.topk(K, dim=-1).indices.to(s_ids.device)
+        t_ids = _teacher_topk(t_rows, K).to(s_ids.device)
         modes = teacher_modes(t_rows, ratio).to(s_ids.device)
         out: dict[str, float] = {}
         for lo, hi, label in buckets:
