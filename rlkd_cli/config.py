@@ -88,6 +88,13 @@ def validate_trainer(tc: DictConfig) -> None:
     require(str(tc.device) in ("auto", "cpu", "cuda"), f"trainer.device must be auto, cpu or cuda, got {tc.device!r}")
     require(str(tc.precision) in ("auto", "fp32", "bf16"),
             f"trainer.precision must be auto, fp32 or bf16, got {tc.precision!r}")
+    chunk = tc.get("chunk_size", "auto")
+    if chunk is not None and str(chunk) != "auto":
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise RlkdError(f"trainer.chunk_size must be auto or an integer >= 1 (response positions per loss "
+                            f"chunk), got {chunk!r}; e.g. trainer.chunk_size=1024")
+    if not isinstance(tc.get("split_head", True), bool):
+        raise RlkdError(f"trainer.split_head must be true or false, got {tc.get('split_head')!r}")
     from transformers import SchedulerType
 
     names = [s.value for s in SchedulerType]

@@ -18,6 +18,7 @@ Output (in the run dir): ``metrics.jsonl`` (one JSON object per log step and per
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,13 +35,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rlkd_cli import chunking
 from rlkd_cli import dataset as data_mod
 from rlkd_cli import metrics as metrics_mod
 from rlkd_cli import models
 from rlkd_cli.config import validate_ks, validate_trainer
 from rlkd_cli.errors import RlkdError, require
 from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, dumps, ensure_writable_dir
-from rlkd_cli.losses import Objective, cross_entropy
+from rlkd_cli.losses import Objective
 
 log = logging.getLogger("rlkd.engine")
 
@@ -120,10 +122,20 @@ def choose_device_and_precision(tc: DictConfig) -> tuple[str, str]:
 
 
 def make_accelerator(tc: DictConfig):
+    """Accelerate handles processes and devices; mixed precision is the engine's own :func:`autocast`.
+
+    (Accelerate's mixed precision would cast every model output to float32, i.e. upcast whole
+    ``[B, T, V]`` logits, which the chunked loss exists to avoid.)
+    """
     from accelerate import Accelerator
 
-    device, precision = choose_device_and_precision(tc)
-    return Accelerator(cpu=(device == "cpu"), mixed_precision="bf16" if precision == "bf16" else "no")
+    device, _ = choose_device_and_precision(tc)
+    return Accelerator(cpu=(device == "cpu"), mixed_precision="no")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA for ``precision == 'bf16'``; a no-op context otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def resolve_tokenizer(cfg: DictConfig, model_cfgs: list):
@@ -361,37 +373,75 @@ def _first_line(e: BaseException) -> str:
 # Evaluation on the validation split
 # ----------------------------------------------------------------------------------------------
 
+@dataclass
+class Models:
+    """The models as the loop uses them.
+
+    ``student``: the module the loop calls (prepared by Accelerate): a :class:`~rlkd_cli.chunking.Trunk`
+    returning final hidden states when ``head`` is the student's split-off LM head, else the causal
+    LM itself (full logits). ``teacher``: a :class:`~rlkd_cli.chunking.LiveTeacher`, a
+    :class:`~rlkd_cli.teacher_cache.TeacherCache`, or ``None`` (sft).
+    """
+
+    student: Any
+    head: chunking.LMHead | None
+    teacher: Any
+    vocab: int
+    chunk: int
+    device: torch.device
+    precision: str
+
+
+def batch_objective(models: Models, objective: Objective, batch: dict[str, torch.Tensor], *, split: str,
+                    align_ks: list[int] | None = None, by_modes: bool = False,
+                    nll: bool = False) -> chunking.ChunkResult:
+    """The objective's sums over one micro-batch's response positions (chunked; see rlkd_cli/chunking.py)."""
+    idx, targets = chunking.response_index(batch["labels"])
+    with autocast(models.device, models.precision):
+        if models.head is not None:
+            hidden = models.student(batch["input_ids"], batch["attention_mask"])
+        else:
+            hidden = models.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student = chunking.StudentRows(chunking.gather_rows(hidden, idx), models.head, models.vocab)
+        teacher = models.teacher.rows(batch, idx, split=split) if models.teacher is not None else None
+        return chunking.objective_over_chunks(objective, student, teacher, targets, chunk_size=models.chunk,
+                                              align_ks=align_ks, by_modes=by_modes, nll=nll)
+
+
+def _sum_over_processes(sums: dict[str, float], world: int) -> dict[str, float]:
+    """Key-wise sums of every process's dict (the dict itself with one process)."""
+    if world <= 1:
+        return sums
+    from accelerate.utils import gather_object
+
+    total: dict[str, float] = {}
+    for part in gather_object([sums]):
+        metrics_mod.add_sums(total, part)
+    return total
+
+
 @torch.no_grad()
-def evaluate(student, teacher, batches: list[dict[str, torch.Tensor]], objective: Objective, vocab: int,
-             ks: list[int], accelerator) -> dict[str, float]:
-    """Mean loss terms, student perplexity and CR@k/OR@k (with a teacher) over response positions."""
-    student.eval()
+def evaluate(models: Models, batches: list[dict[str, torch.Tensor]], objective: Objective, ks: list[int], *,
+             world: int = 1, rank: int = 0) -> dict[str, float]:
+    """Mean loss terms, student perplexity and CR@k/OR@k (with a teacher) over response positions.
+
+    With several processes each takes every ``world``-th batch and the sums are added up.
+    """
+    models.student.eval()
     sums: dict[str, float] = {}
-    count = 0.0
-    nll = 0.0
-    align: dict[str, float] = {}
-    for batch in batches:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits \
-                if teacher is not None else None
-        s, targets, mask = shift_for_next_token(s_logits, batch["labels"], vocab)
-        t = shift_for_next_token(t_logits, batch["labels"], vocab)[0] if t_logits is not None else None
-        total, terms = objective(s, t, targets, mask, reduction="sum")
-        sums["loss"] = sums.get("loss", 0.0) + float(total)
-        for key, value in terms.items():
-            sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + float(value)
-        nll += float(cross_entropy(s, None, mask, labels=targets, reduction="sum"))
-        count += float(mask.sum())
-        if t is not None:
-            for key, value in metrics_mod.alignment_sums(s, t, ks, mask).items():
-                align[key] = align.get(key, 0.0) + float(value)
-            for key, value in metrics_mod.alignment_sums_by_modes(s, t, ks, mask).items():
-                align[key] = align.get(key, 0.0) + float(value)
-    student.train()
-    out = {k: v / max(count, 1.0) for k, v in sums.items()}
-    out["ppl"] = math.exp(min(nll / max(count, 1.0), 50.0))
+    for batch in batches[rank::world]:
+        batch = {k: v.to(models.device) for k, v in batch.items()}
+        out = batch_objective(models, objective, batch, split="validation",
+                              align_ks=ks if models.teacher is not None else None, by_modes=True, nll=True)
+        metrics_mod.add_sums(sums, {"loss": float(out.total.detach()), "nll": out.nll or 0.0, "positions": out.count,
+                                    **{f"loss/{k}": v for k, v in out.terms.items()}, **out.align})
+    models.student.train()
+    sums = _sum_over_processes(sums, world)
+    count = max(float(sums.pop("positions", 0.0)), 1.0)
+    nll = sums.pop("nll", 0.0)
+    align = {k: v for k, v in sums.items() if k.startswith(("cr@", "or@", "top1", "count"))}
+    out = {k: v / count for k, v in sums.items() if k not in align}
+    out["ppl"] = math.exp(min(nll / count, 50.0))
     if align:
         out.update(metrics_mod.finalize(align))
     out["positions"] = int(count)
@@ -403,8 +453,12 @@ def evaluate(student, teacher, batches: list[dict[str, torch.Tensor]], objective
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=None,
-          log_prefix: str | None = None) -> dict[str, Any]:
-    """Run sft (``mode='sft'``) or distillation (``mode='distill'``) as configured; return the summary."""
+          log_prefix: str | None = None, solo: bool = False) -> dict[str, Any]:
+    """Run sft (``mode='sft'``) or distillation (``mode='distill'``) as configured; return the summary.
+
+    ``solo``: train in this process alone even inside a multi-process launch (the tiny teacher,
+    trained on first use by whichever process takes its lock).
+    """
     require(mode in ("sft", "distill"), f"unknown engine mode {mode!r}")
     tc = cfg.trainer
     validate_trainer(tc)
@@ -418,7 +472,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         # flushing them to zero changes nothing that matters for training.
         torch.set_flush_denormal(True)
     _quiet_transformers()
-    is_main = accelerator.is_main_process
+    world, rank = (1, 0) if solo else (accelerator.num_processes, accelerator.process_index)
+    is_main = solo or accelerator.is_main_process
+    device = accelerator.device
 
     # --- what is trained, by what -----------------------------------------------------------------
     if mode == "distill":
@@ -427,6 +483,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         trained_role = str(cfg.get("model", "teacher"))
         require(trained_role in ("teacher", "student"), f"model must be teacher or student, got {trained_role!r}")
         trained_cfg = cfg[trained_role]
+    cache_path = cfg.teacher.get("cache") if mode == "distill" else None
     if tokenizer is None:
         tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher), (trained_role, trained_cfg)]
                                       if mode == "distill" else [(trained_role, trained_cfg)])
@@ -435,16 +492,31 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     require(mode == "distill" or not objective.needs_teacher,
             f"loss '{cfg.loss.get('name', '?')}' needs a teacher but `rlkd sft` has none; use loss=ce with sft, "
             "or run rlkd distill")
+    split_heads = bool(tc.get("split_head", True))
+    if split_heads and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        log.info("%s%s shards the model: the LM head is applied through the model's own forward",
+                 tag, accelerator.distributed_type.value)
+        split_heads = False
 
     teacher = None
-    if mode == "distill":
+    teacher_desc = None
+    if mode == "distill" and cache_path:
+        from rlkd_cli.teacher_cache import TeacherCache
+
+        teacher = TeacherCache.open(cache_path, tokenizer=tokenizer)
+        teacher.check_objective(objective, ks)
+        teacher_desc = teacher.describe()
+    elif mode == "distill":
         teacher_path = models.ensure_teacher(cfg, tokenizer)
-        teacher_dtype = torch.bfloat16 if precision == "bf16" else None
-        teacher = models.load_pretrained(teacher_path, role="teacher", dtype=teacher_dtype,
-                                         trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
-        models.check_vocab(teacher, tokenizer, role="teacher")
-        teacher.requires_grad_(False)
-        teacher.eval()
+        teacher_model = models.load_pretrained(teacher_path, role="teacher",
+                                               dtype=torch.bfloat16 if precision == "bf16" else None,
+                                               trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
+        models.check_vocab(teacher_model, tokenizer, role="teacher")
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        teacher_model.to(device)
+        teacher = chunking.LiveTeacher(teacher_model, vocab, split_head=split_heads)
+        teacher_desc = models.describe(cfg.teacher)
 
     torch.manual_seed(int(cfg.seed))
     student = models.load_model(trained_cfg, tokenizer, role=trained_role, seed=int(cfg.seed))
@@ -456,6 +528,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         log.info("%s%s split: %d examples, %d truncated at max_length=%s, %d dropped", tag, name,
                  st.get("num_examples", 0), st.get("num_truncated", 0), cfg.dataset.get("max_length"),
                  st.get("num_dropped", 0))
+    if cache_path:
+        teacher.check_splits({"train": train_split, "validation": val_split})
 
     # --- optimizer, schedule ------------------------------------------------------------------------
     from transformers import get_scheduler
@@ -469,20 +543,36 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                                   lr=float(tc.lr), betas=tuple(tc.betas))
     scheduler = get_scheduler(str(tc.scheduler), optimizer, num_warmup_steps=int(tc.warmup_steps),
                               num_training_steps=int(tc.max_steps))
-    student, optimizer = accelerator.prepare(student, optimizer)
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    student.train()
+    student.to(device)
+    head = chunking.split_lm(student, vocab) if split_heads else None
+    module = chunking.Trunk(student) if head is not None else student
+    if not solo:
+        module, optimizer = accelerator.prepare(module, optimizer)
+    module.train()
+    chunk = chunking.resolve_chunk_size(tc.get("chunk_size", "auto"), vocab)
+    run_models = Models(student=module, head=head, teacher=teacher, vocab=vocab, chunk=chunk, device=device,
+                        precision=precision)
+    log.info("%sloss over response positions in chunks of %d; LM heads %s", tag, chunk,
+             "applied per chunk" if head is not None else "through the models' full logits")
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     micro = int(tc.batch_size) // int(tc.grad_accum)
     require(micro % world == 0, f"trainer.batch_size/grad_accum ({micro}) must be divisible by the number of "
                                 f"processes ({world})")
     micro //= world
     stream = BatchStream(len(train_split.dataset), micro, int(cfg.seed), rank, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    val_batches = [data_mod.collate([val_split.dataset[i] for i in range(s, min(s + micro * world, len(val_split.dataset)))], pad_id)
-                   for s in range(0, len(val_split.dataset), micro * world)]
+
+    def make_batch(ds, ids: list[int]) -> dict[str, torch.Tensor]:
+        batch = data_mod.collate([ds[i] for i in ids], pad_id)
+        batch["example_ids"] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+    n_val = len(val_split.dataset)
+    val_batches = [make_batch(val_split.dataset, list(range(s, min(s + micro, n_val)))) for s in range(0, n_val, micro)]
+
+    def unwrapped():
+        m = accelerator.unwrap_model(module) if not solo else module
+        return m.lm if isinstance(m, chunking.Trunk) else m
 
     # --- resume -------------------------------------------------------------------------------------
     state = TrainState()
@@ -505,8 +595,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
             raise RlkdError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff[:6])}"
                             f"{' ...' if len(diff) > 6 else ''}; run with the checkpoint's config or set "
                             "trainer.force_resume=true")
-        state = load_checkpoint(ckpt, model=accelerator.unwrap_model(student), optimizer=optimizer,
-                                scheduler=scheduler)
+        state = load_checkpoint(ckpt, model=unwrapped(), optimizer=optimizer, scheduler=scheduler)
         log.info("%sresumed from %s at step %d", tag, ckpt, state.step)
         if is_main and metrics_path.exists():  # drop lines logged after that checkpoint
             kept = [l for l in metrics_path.read_text().splitlines() if _logged_step(l) <= state.step]
@@ -524,8 +613,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
 
     old_handler = signal.signal(signal.SIGTERM, _on_term) if _main_thread() else None
 
-    log.info("%s%s: %s on %s (%s), %s, %d steps of %d examples, loss = %s", tag, mode, models.describe(trained_cfg),
-             device_name, precision, f"teacher {models.describe(cfg.teacher)}" if teacher is not None else "no teacher",
+    log.info("%s%s: %s on %s (%s%s), %s, %d steps of %d examples, loss = %s", tag, mode,
+             models.describe(trained_cfg), device_name, precision, f", {world} processes" if world > 1 else "",
+             f"teacher {teacher_desc}" if teacher is not None else "no teacher",
              int(tc.max_steps), int(tc.batch_size), objective.describe())
 
     saved_at = {"step": None, "path": None}
@@ -534,7 +624,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         if saved_at["step"] != state.step:  # one checkpoint per step (SIGTERM right after a scheduled save)
             path = None
             if is_main:
-                path = save_checkpoint(out_dir, model=accelerator.unwrap_model(student), tokenizer=tokenizer,
+                path = save_checkpoint(out_dir, model=unwrapped(), tokenizer=tokenizer,
                                        cfg=cfg, state=state, optimizer=optimizer, scheduler=scheduler,
                                        keep_last=int(tc.keep_last))
             saved_at.update(step=state.step, path=path)
@@ -545,6 +635,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(dumps(record) + "\n")
             metrics_logger.log(record)
+
+    def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(x, reduction="sum") if world > 1 else x
 
     progress = _Progress(enabled=bool(tc.get("progress", True)) and is_main, total=int(tc.max_steps),
                          start=state.step, label=f"{log_prefix or mode}")
@@ -569,50 +662,43 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                 return summary
             t0 = time.perf_counter()
             # 1. the step's micro-batches and their total count of response positions
-            batches = [data_mod.collate([train_split.dataset[i] for i in stream.next(state)], pad_id)
-                       for _ in range(int(tc.grad_accum))]
-            count = torch.tensor(float(sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)),
-                                 device=accelerator.device)
-            if world > 1:
-                count = accelerator.reduce(count, reduction="sum")
+            batches = [make_batch(train_split.dataset, stream.next(state)) for _ in range(int(tc.grad_accum))]
+            count = reduce_sum(torch.tensor(float(sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)),
+                                            device=device))
             # DDP averages gradients over processes; scale so the update is the mean over all positions
             denom = count.clamp_min(1.0) / world
+            log_step = (state.step + 1) % int(tc.log_every) == 0
 
-            # 2. forward / backward
+            # 2. forward / backward, one micro-batch at a time (gradients all-reduced on the last one)
             step_sums: dict[str, float] = {}
             align: dict[str, float] = {}
             finite = True
-            for batch in batches:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(input_ids=batch["input_ids"],
-                                               attention_mask=batch["attention_mask"]).logits
-                s, targets, mask = shift_for_next_token(s_logits, batch["labels"], vocab)
-                t = shift_for_next_token(t_logits, batch["labels"], vocab)[0] if t_logits is not None else None
-                total, terms = objective(s, t, targets, mask, reduction="sum")
-                if not torch.isfinite(total):
-                    finite = False
-                    break
-                accelerator.backward(total / denom)
-                step_sums["loss"] = step_sums.get("loss", 0.0) + float(total.detach())
-                for key, value in terms.items():
-                    step_sums[f"loss/{key}"] = step_sums.get(f"loss/{key}", 0.0) + float(value)
-                if t is not None and (state.step + 1) % int(tc.log_every) == 0:
-                    for key, value in metrics_mod.alignment_sums(s.detach(), t, ks, mask).items():
-                        align[key] = align.get(key, 0.0) + float(value)
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = world == 1 or i == len(batches) - 1
+                with (contextlib.nullcontext() if sync else accelerator.no_sync(module)):
+                    out = batch_objective(run_models, objective, batch, split="train",
+                                          align_ks=ks if log_step and teacher is not None else None)
+                    finite = finite and bool(torch.isfinite(out.total))
+                    # every process runs every backward (DDP needs that); a non-finite step is skipped below
+                    loss = out.total / denom
+                    accelerator.backward(loss) if not solo else loss.backward()
+                metrics_mod.add_sums(step_sums, {"loss": float(out.total.detach()),
+                                                 **{f"loss/{k}": v for k, v in out.terms.items()}})
+                metrics_mod.add_sums(align, out.align)
+            if world > 1:  # skip the step on every process if any saw a non-finite loss
+                finite = bool(reduce_sum(torch.tensor(0.0 if finite else 1.0, device=device)) == 0)
 
             # 3. optimizer step (skipped when the loss or the gradient is not finite)
             grad_norm = None
             if finite:
+                params = [p for p in student.parameters() if p.requires_grad]
                 if tc.get("max_grad_norm") is not None:
-                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), float(tc.max_grad_norm))
+                    grad_norm = (accelerator.clip_grad_norm_(module.parameters(), float(tc.max_grad_norm)) if not solo
+                                 else torch.nn.utils.clip_grad_norm_(params, float(tc.max_grad_norm)))
                 else:
                     grad_norm = torch.linalg.vector_norm(torch.stack(
-                        [p.grad.detach().norm() for p in student.parameters() if p.grad is not None]))
+                        [p.grad.detach().norm() for p in params if p.grad is not None]))
                 finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
             if finite:
                 optimizer.step()
@@ -634,13 +720,12 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                 raise RlkdError(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient (last at "
                                 f"step {state.step}); lower trainer.lr, check the data, or raise trainer.max_bad_steps")
 
-            # 4. log
+            # 4. log (sums over all processes; n_pos is already global)
+            if world > 1:  # every process has the same keys (the same objective)
+                keys = sorted(step_sums)
+                summed = reduce_sum(torch.tensor([step_sums[k] for k in keys], device=device, dtype=torch.float64))
+                step_sums = dict(zip(keys, summed.tolist()))
             if finite:
-                if world > 1 and step_sums:  # this process's sums -> all processes' (n_pos is global)
-                    keys = sorted(step_sums)
-                    summed = accelerator.reduce(torch.tensor([step_sums[k] for k in keys],
-                                                             device=accelerator.device), reduction="sum")
-                    step_sums = dict(zip(keys, summed.tolist()))
                 for key, value in step_sums.items():
                     window[key] = window.get(key, 0.0) + value / max(n_pos, 1)
                 window_steps += 1
@@ -649,6 +734,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                 elapsed = time.perf_counter() - t_window
                 record: dict[str, Any] = {"step": state.step, "split": "train"}
                 record.update({k: v / max(window_steps, 1) for k, v in window.items()})
+                align = _sum_over_processes(align, world)
                 if align:
                     record.update(metrics_mod.finalize(align))
                 record.update({"lr": scheduler.get_last_lr()[0],
@@ -664,7 +750,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
 
             # 5. validate, checkpoint
             if int(tc.eval_every) > 0 and state.step % int(tc.eval_every) == 0 and state.step < int(tc.max_steps):
-                val = evaluate(student, teacher, val_batches, objective, vocab, ks, accelerator)
+                val = evaluate(run_models, val_batches, objective, ks, world=world, rank=rank)
                 write_metrics({"step": state.step, "split": "validation", **val})
                 progress.update(state.step, val, validation=True)
             if int(tc.save_every) > 0 and state.step % int(tc.save_every) == 0 and state.step < int(tc.max_steps):
@@ -683,7 +769,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
             signal.signal(signal.SIGTERM, old_handler)
 
     # --- final validation, checkpoint, summary ---------------------------------------------------------
-    val = evaluate(student, teacher, val_batches, objective, vocab, ks, accelerator)
+    val = evaluate(run_models, val_batches, objective, ks, world=world, rank=rank)
     write_metrics({"step": state.step, "split": "validation", **val})
     metrics_logger.close()
     last_ckpt = save()
@@ -691,7 +777,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         "command": mode, "status": "completed", "step": state.step, "max_steps": int(tc.max_steps),
         "checkpoint": str(last_ckpt) if last_ckpt else None, "loss_mix": objective.describe(),
         "trained": models.describe(trained_cfg),
-        "teacher": models.describe(cfg.teacher) if teacher is not None else None,
+        "teacher": teacher_desc,
         "device": device_name, "precision": precision, "processes": world,
         "skipped_steps": state.skipped_steps, "train_tokens": state.tokens,
         "train_time_s": round(state.train_time_s, 3),
@@ -702,7 +788,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     }
     if is_main:
         atomic_write_json(out_dir / "summary.json", summary)
-    accelerator.wait_for_everyone()
+    if world > 1:
+        accelerator.wait_for_everyone()
     log.info("%sdone: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                            if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))
                                            and "|" not in k))

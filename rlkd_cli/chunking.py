@@ -1,0 +1,337 @@
+r"""The loss over response positions, in chunks: no full-size ``[B, T, V]`` float32 tensor ever exists.
+
+The engine (``rlkd_cli/engine.py``, the ``trainer`` group) computes every step's loss here:
+
+1. Only *response* positions count, so the models' final hidden states are gathered at those
+   positions first (:func:`response_index`, :func:`gather_rows`): ``[N, H]`` rows, ``N`` the
+   number of scored positions of the micro-batch.
+2. The positions are cut into chunks of ``chunk_size`` rows. For each chunk the LM heads are
+   applied (``[n, V]`` logits, in the model's dtype), the :class:`~rlkd_cli.losses.Objective` is
+   evaluated on those logits (float32 inside the loss functions) and, when training, its
+   gradient with respect to the chunk's hidden rows and the student's head weights is taken at
+   once; then the chunk's logits and float32 temporaries are freed. Peak memory for the loss is
+   one chunk's worth, whatever the batch and sequence length.
+3. :func:`objective_over_chunks` wraps that loop in one autograd function whose backward hands
+   the collected gradients to the student's trunk: one forward, one backward per micro-batch, so
+   DDP's gradient hooks and gradient accumulation behave as with an ordinary loss.
+
+This is the technique of fused linear-loss kernels (the head matmul and the loss evaluated
+together per chunk, gradients computed in the forward pass), written in plain PyTorch so that
+every registered loss works with it. The arithmetic is the same as an unchunked loss: the total
+is a sum over positions, so chunked and unchunked results agree up to floating-point summation
+order (tested).
+
+A model whose logits are not ``head(base_model(x).last_hidden_state)`` with a plain linear head
+(optionally soft-capped or scaled, see :class:`LMHead`) is detected by :func:`split_lm`'s check
+and falls back to the model's own full logits, gathered at the response positions; the loss is
+still chunked and never upcast as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlkd_cli.losses import Objective, TopKLogits, cross_entropy
+
+log = logging.getLogger("rlkd.chunking")
+
+#: ``trainer.chunk_size: auto`` makes a chunk hold about this many logits (128 MiB per float32
+#: ``[n, V]`` temporary): 1024 positions at V = 32k, 256 at V = 128k.
+AUTO_CHUNK_ELEMENTS = 1 << 25
+
+
+def resolve_chunk_size(value: Any, vocab: int) -> int:
+    """``trainer.chunk_size``: an integer number of positions, or ``auto`` (:data:`AUTO_CHUNK_ELEMENTS` / V)."""
+    if value is None or str(value) == "auto":
+        return max(64, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting a causal LM into trunk (final hidden states) and head (logits)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LMHead:
+    r"""A causal LM's output layer: ``logits = post(h W^T + b)`` for the first ``vocab`` rows of ``W``.
+
+    ``post`` is the identity, or what some model families apply after the linear layer:
+    multiplying by ``scale`` (Cohere's ``logit_scale``; Granite divides by ``logits_scaling``) and
+    soft-capping :math:`c \tanh(x / c)` (Gemma 2's ``final_logit_softcapping``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def __call__(self, h: torch.Tensor, vocab: int, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        weight, bias = (params[0], params[1] if len(params) > 1 else None) if params is not None \
+            else (self.weight, self.bias)
+        x = F.linear(h, weight[:vocab], None if bias is None else bias[:vocab])
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.softcap:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        return x
+
+
+def _head_of(model) -> LMHead | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else cfg
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    if getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(head.weight, head.bias, scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def trunk_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states ``[B, T, H]`` (after the last norm) of a Hugging Face causal LM."""
+    base = model.base_model
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+class Trunk(torch.nn.Module):
+    """Wraps a causal LM so that ``forward`` returns its final hidden states, not its logits.
+
+    The engine hands this wrapper to ``accelerator.prepare``, so under DDP the trunk runs through
+    the DDP forward (which arms the gradient all-reduce) and the head is applied per chunk.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return trunk_forward(self.lm, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def split_lm(model, vocab: int, sample: torch.Tensor | None = None) -> LMHead | None:
+    """The model's :class:`LMHead` if ``head(trunk(x))`` reproduces ``model(x).logits``, else ``None``.
+
+    ``sample`` (``[1, T]`` token ids) is run both ways once, in eval mode, and compared; a model
+    that does anything else between its last hidden state and its logits is caught here and the
+    engine uses its full logits instead.
+    """
+    head = _head_of(model)
+    if head is None or getattr(model, "base_model", model) is model:
+        return None
+    if sample is None:
+        sample = torch.arange(min(8, vocab), device=head.weight.device).unsqueeze(0)
+    sample = sample.to(head.weight.device)
+    mask = torch.ones_like(sample)
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(input_ids=sample, attention_mask=mask).logits[..., :vocab].float()
+        split = head(trunk_forward(model, sample, mask), vocab).float()
+    except Exception as e:  # an architecture whose base model cannot be called like this
+        log.info("LM head not split (%s: %s); using the model's full logits", type(e).__name__, e)
+        return None
+    finally:
+        model.train(was_training)
+    scale = 1.0 + float(full.abs().max())
+    err = float((full - split).abs().max()) if full.shape == split.shape else math.inf
+    tol = (2e-2 if full.dtype != torch.float32 or head.weight.dtype != torch.float32 else 1e-4) * scale
+    if not err <= tol:
+        log.info("LM head not split: head(hidden) differs from the model's logits by %.3g; using full logits", err)
+        return None
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: the response positions of a micro-batch
+# ----------------------------------------------------------------------------------------------
+
+def response_index(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into ``[B*T]`` of the positions that predict a response token, and those tokens.
+
+    Position ``(b, t)`` predicts ``labels[b, t+1]``; it counts when that label is not ``ignore_index``.
+    Indices are in row-major order (example by example, left to right).
+    """
+    B, T = labels.shape
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != ignore_index
+    idx = keep.reshape(-1).nonzero().squeeze(-1)
+    return idx, labels.reshape(-1).index_select(0, idx + 1)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``x`` ``[B, T, D]`` flattened to ``[B*T, D]`` (differentiable)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, idx)
+
+
+@dataclass
+class StudentRows:
+    """The student at the scored positions: hidden rows with its :class:`LMHead`, or logit rows (``head=None``)."""
+
+    rows: torch.Tensor
+    head: LMHead | None
+    vocab: int
+
+    def logits(self, rows: torch.Tensor, params: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        return self.head(rows, self.vocab, params) if self.head is not None else rows[:, :self.vocab]
+
+
+@dataclass
+class TeacherRows:
+    """The live teacher at the scored positions; ``rows[sl]`` gives that chunk's logits ``[n, V]``."""
+
+    rows: torch.Tensor
+    head: LMHead | None
+    vocab: int
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.rows[sl]
+            return self.head(x, self.vocab) if self.head is not None else x[:, :self.vocab]
+
+
+class LiveTeacher:
+    """A teacher model run on each micro-batch (under ``no_grad``), its head applied per chunk when split."""
+
+    def __init__(self, model, vocab: int, *, split_head: bool = True):
+        self.model, self.vocab = model, vocab
+        self.head = split_lm(model, vocab) if split_head else None
+
+    @torch.no_grad()
+    def rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, split: str | None = None) -> TeacherRows:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.head is not None:
+            hidden = trunk_forward(self.model, ids, mask)
+        else:
+            hidden = self.model(input_ids=ids, attention_mask=mask).logits
+        return TeacherRows(gather_rows(hidden, idx), self.head, self.vocab)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked objective
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ChunkResult:
+    """What :func:`objective_over_chunks` returns for one micro-batch (sums over its positions)."""
+
+    total: torch.Tensor                 # weighted loss sum (differentiable when training)
+    terms: dict[str, float]             # each term's unweighted sum
+    align: dict[str, float]             # CR/OR sums and counts (when asked for)
+    nll: float | None                   # summed cross-entropy of the targets (when asked for)
+    count: int                          # scored positions
+
+
+def chunk_slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
+
+class _Loop:
+    """One pass over the chunks; with ``grad`` it also collects the gradients of the total."""
+
+    def __init__(self, objective: Objective, student: StudentRows, teacher, targets: torch.Tensor, chunk: int,
+                 align_ks: Sequence[int] | None, by_modes: bool, nll: bool):
+        self.objective, self.student, self.teacher, self.targets = objective, student, teacher, targets
+        self.chunk, self.align_ks, self.by_modes, self.nll = chunk, align_ks, by_modes, nll
+        self.terms: dict[str, torch.Tensor] = {}
+        self.align: dict[str, float] = {}
+        self.nll_sum: torch.Tensor | None = None
+
+    def _extras(self, s: torch.Tensor, t: Any, y: torch.Tensor) -> None:
+        from rlkd_cli import metrics as metrics_mod
+
+        s = s.detach()
+        if self.nll:
+            value = cross_entropy(s, None, None, labels=y, reduction="sum")
+            self.nll_sum = value if self.nll_sum is None else self.nll_sum + value
+        if self.align_ks and t is not None:
+            metrics_mod.add_sums(self.align, metrics_mod.alignment_sums(s, t, self.align_ks))
+            if self.by_modes:
+                metrics_mod.add_sums(self.align, metrics_mod.alignment_sums_by_modes(s, t, self.align_ks))
+
+    def run(self, rows: torch.Tensor, params: Sequence[torch.Tensor], grad: bool):
+        n = int(rows.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.zeros_like(rows) if grad and rows.requires_grad else None
+        leaves = [p.detach().requires_grad_(p.requires_grad) for p in params] if grad else None
+        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params] if grad else []
+        for sl in chunk_slices(n, self.chunk):
+            with torch.set_grad_enabled(grad):
+                r = rows[sl].detach().requires_grad_(grad_rows is not None)
+                s = self.student.logits(r, leaves)
+                t = self.teacher[sl] if self.teacher is not None else None
+                y = self.targets[sl]
+                value, terms = self.objective(s, t, y, None, reduction="sum")
+            if grad:
+                wrt = [x for x in ([r] if grad_rows is not None else []) + [l for l in leaves if l.requires_grad]]
+                grads = list(torch.autograd.grad(value, wrt, allow_unused=True)) if wrt else []
+                if grad_rows is not None:
+                    g = grads.pop(0)
+                    if g is not None:
+                        grad_rows[sl] = g
+                for i, leaf in enumerate(leaves):
+                    if leaf.requires_grad:
+                        g = grads.pop(0)
+                        if g is not None:
+                            grad_params[i] += g
+            total += value.detach().float()
+            for key, v in terms.items():
+                self.terms[key] = self.terms[key] + v.float() if key in self.terms else v.float()
+            self._extras(s, t, y)
+        return total, grad_rows, grad_params
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Forward: the loop above with gradients; backward: those gradients times the incoming one."""
+
+    @staticmethod
+    def forward(ctx, loop: _Loop, rows: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        total, grad_rows, grad_params = loop.run(rows, params, grad=True)
+        ctx.grad_rows, ctx.grad_params = grad_rows, grad_params
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        g_rows = None if ctx.grad_rows is None else ctx.grad_rows * grad_out.to(ctx.grad_rows.dtype)
+        g_params = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grad_params]
+        ctx.grad_rows = ctx.grad_params = None
+        return (None, g_rows, *g_params)
+
+
+def objective_over_chunks(objective: Objective, student: StudentRows, teacher, targets: torch.Tensor, *,
+                          chunk_size: int, align_ks: Sequence[int] | None = None, by_modes: bool = False,
+                          nll: bool = False) -> ChunkResult:
+    """The objective summed over all rows, evaluated ``chunk_size`` rows at a time.
+
+    ``teacher``: ``None`` (sft), :class:`TeacherRows` (live teacher) or
+    :class:`~rlkd_cli.losses.TopKLogits` rows (teacher cache). When grad is enabled and the
+    student's rows or head require grad, the returned ``total`` is differentiable: its backward
+    feeds the gradients collected chunk by chunk into the student's rows and head parameters.
+    ``align_ks``/``by_modes``/``nll`` add CR/OR sums and the targets' NLL (all detached).
+    """
+    loop = _Loop(objective, student, teacher, targets, chunk_size, align_ks, by_modes, nll)
+    params = student.head.params if student.head is not None else []
+    needs_grad = torch.is_grad_enabled() and (student.rows.requires_grad or any(p.requires_grad for p in params))
+    if needs_grad:
+        total = _ChunkedLoss.apply(loop, student.rows, *params)
+    else:
+        total = loop.run(student.rows, params, grad=False)[0]
+    terms = {k: float(v) for k, v in loop.terms.items()}
+    return ChunkResult(total=total, terms=terms, align=loop.align,
+                       nll=None if loop.nll_sum is None else float(loop.nll_sum), count=int(student.rows.shape[0]))
