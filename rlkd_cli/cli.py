@@ -216,6 +216,12 @@ def _distill_task(cfg, out_dir: Path) -> None:
     engine.train(cfg, out_dir, mode="distill")
 
 
+def _cache_teacher_task(cfg, out_dir: Path) -> None:
+    from rlkd_cli import teacher_cache
+
+    teacher_cache.build(cfg, out_dir)
+
+
 def _measure_task(cfg, out_dir: Path) -> None:
     from rlkd_cli import alignment
 
@@ -238,6 +244,12 @@ def sft(ctx: typer.Context) -> None:
 def distill(ctx: typer.Context) -> None:
     """Distil the teacher into the student (default loss: kl+rank, the paper's mix). --help for its config."""
     run_hydra("distill", _distill_task, list(ctx.args))
+
+
+@app.command("cache-teacher", context_settings=_PASS_THROUGH, add_help_option=False)
+def cache_teacher(ctx: typer.Context) -> None:
+    """Run the teacher once and store its top-K logits per response position (for distill teacher.cache=PATH)."""
+    run_hydra("cache-teacher", _cache_teacher_task, list(ctx.args))
 
 
 @app.command("measure-alignment", context_settings=_PASS_THROUGH, add_help_option=False)

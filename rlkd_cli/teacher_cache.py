@@ -1,0 +1,432 @@
+r"""``rlkd cache-teacher``: run the teacher once over a dataset and keep its top-K logits per response position.
+
+``rlkd distill teacher.cache=PATH`` then trains from the cache with no teacher forward at all: the
+teacher's distribution at each response position is a :class:`~rlkd_cli.losses.TopKLogits` (its K
+largest logits and ids, the log-normaliser and the log of the mass outside the K ids, per
+temperature), and every loss reads it as described there (divergences on the K cached ids plus one
+tail bin, a lower bound of the exact f-divergence; the ranking loss on cached values).
+
+Layout of a cache folder::
+
+    cache.json                      what it holds and how it was made (format, K, temperatures, dtype,
+                                    teacher, tokenizer and split fingerprints, shards, status)
+    <split>/shard-000000.safetensors
+        ids            int32   [P, K]   top-K token ids by decreasing logit
+        logits         dtype   [P, K]   their raw logits (cache.dtype: float32, bfloat16 or float16)
+        log_normalizer float32 [P, T]   logsumexp of logits / temperature over the whole vocabulary
+        tail_log_mass  float32 [P, T]   log of the probability outside the K ids
+        offsets        int64   [E+1]    rows offsets[j]:offsets[j+1] belong to the shard's j-th example
+
+A shard holds ``cache.shard_examples`` consecutive examples of the split (``P`` = their response
+positions, in order). Shards are written to a temporary file and renamed, so an interrupted run
+leaves only complete shards; running the same command again (same ``cache.out``) skips them and
+finishes the rest. ``cache.json`` says ``"status": "complete"`` only when every shard is there,
+and distillation refuses anything else. Reads are memory-mapped slices (safetensors), so a cache
+far larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlkd_cli import chunking
+from rlkd_cli import dataset as data_mod
+from rlkd_cli.errors import RlkdError, require
+from rlkd_cli.io import atomic_write_json, ensure_writable_dir, file_lock
+from rlkd_cli.losses import Objective, TopKLogits, cross_entropy, ranking_loss
+
+log = logging.getLogger("rlkd.cache")
+
+FORMAT = 1
+META = "cache.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPLITS = ("train", "validation", "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints: what a cache must agree with
+# ----------------------------------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (token -> id)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def split_fingerprint(ds) -> str:
+    """A hash of a tokenized split's ``input_ids`` and ``labels``, example by example."""
+    h = hashlib.sha256()
+    for ids, labels in zip(ds["input_ids"], ds["labels"]):
+        h.update(np.asarray([len(ids)], dtype=np.int64).tobytes())
+        h.update(np.asarray(ids, dtype=np.int32).tobytes())
+        h.update(np.asarray(labels, dtype=np.int32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def teacher_signature(path: str) -> str:
+    """A hash of a model folder's contents, cheap for any size: config.json, and of each safetensors
+    file its header (tensor names, shapes, offsets), size, and first and last MiB of weights.
+    A hub id that is not a local folder is identified by its name."""
+    folder = Path(os.path.expanduser(path))
+    h = hashlib.sha256()
+    if not folder.is_dir():
+        h.update(str(path).encode())
+        return h.hexdigest()[:16]
+    for f in sorted(folder.glob("config.json")) + sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            if f.suffix != ".safetensors":
+                h.update(fh.read())
+                continue
+            size = f.stat().st_size
+            h.update(str(size).encode())
+            header = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header, 1 << 24)))
+            fh.seek(8 + header)
+            h.update(fh.read(1 << 20))
+            fh.seek(max(8 + header, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def loss_temperatures(objective: Objective) -> list[float]:
+    """The temperatures at which the objective's divergence terms read the teacher's distribution."""
+    out = []
+    for _, fn, _, options in objective.active_terms:
+        if fn is cross_entropy or fn is ranking_loss:
+            continue
+        out.append(float(options.get("temperature", 1.0)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a cache
+# ----------------------------------------------------------------------------------------------
+
+class TeacherCache:
+    """A finished teacher cache, read by the engine in place of a live teacher (``rows`` per micro-batch)."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]):
+        self.root, self.meta = root, meta
+        self.k = int(meta["top_k"])
+        self.temperatures = tuple(float(t) for t in meta["temperatures"])
+        self.shard_examples = int(meta["shard_examples"])
+        self._handles: dict[tuple[str, int], Any] = {}
+        self._offsets: dict[tuple[str, int], torch.Tensor] = {}
+
+    # -- opening and checks ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, tokenizer=None) -> "TeacherCache":
+        root = Path(os.path.expanduser(str(path)))
+        require(root.is_dir(), f"teacher.cache '{path}' is not a folder; build one with rlkd cache-teacher "
+                               "cache.out=PATH (same dataset and teacher settings as the distill run)")
+        meta_path = root / META
+        require(meta_path.is_file(), f"teacher.cache '{path}' is not a teacher cache (no {META}); build one with "
+                                     "rlkd cache-teacher cache.out=PATH")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise RlkdError(f"teacher cache {meta_path} cannot be read ({e}); rebuild it with rlkd cache-teacher") from e
+        require(int(meta.get("format", 0)) == FORMAT,
+                f"teacher cache '{path}' has format {meta.get('format')}, this rlkd reads format {FORMAT}; "
+                "rebuild it with this version's rlkd cache-teacher")
+        if meta.get("status") != "complete":
+            done = sum(len(s.get("shards_done", [])) for s in meta.get("splits", {}).values())
+            total = sum(int(s.get("num_shards", 0)) for s in meta.get("splits", {}).values())
+            raise RlkdError(f"teacher cache '{path}' is incomplete ({done}/{total} shards); finish it by running the "
+                            f"same rlkd cache-teacher command again with cache.out={path}")
+        cache = cls(root, meta)
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != meta.get("tokenizer"):
+            raise RlkdError(f"teacher cache '{path}' was built with another tokenizer ({meta.get('tokenizer_name')}); "
+                            "distil with the tokenizer of the cache's teacher, or rebuild the cache")
+        return cache
+
+    def describe(self) -> str:
+        return f"cache:{self.root} (teacher {self.meta.get('teacher')}, K={self.k})"
+
+    def check_objective(self, objective: Objective, ks: list[int]) -> None:
+        """The cache must hold enough logits (K) and every temperature the loss reads the teacher at."""
+        for key, fn, _, options in objective.active_terms:
+            if fn is ranking_loss and int(options.get("k", 5)) > self.k:
+                raise RlkdError(f"loss term {key!r} has k={options.get('k', 5)} but teacher cache {self.root} keeps "
+                                f"K={self.k} logits per position; lower the k or rebuild with cache.top_k>={options['k']}")
+        for t in loss_temperatures(objective):
+            if not any(abs(t - c) <= 1e-6 * max(1.0, abs(c)) for c in self.temperatures):
+                raise RlkdError(f"the loss reads the teacher at temperature {t:g} but teacher cache {self.root} has "
+                                f"log-normalisers for {', '.join(f'{c:g}' for c in self.temperatures)} only; rebuild "
+                                f"it with cache.temperatures=[{t:g}]")
+        if max(ks) > self.k:
+            raise RlkdError(f"metrics.ks asks for CR/OR@{max(ks)} but teacher cache {self.root} keeps K={self.k} "
+                            f"logits per position; use metrics.ks with k <= {self.k}")
+
+    def check_splits(self, splits: dict[str, Any]) -> None:
+        """Each tokenized split used with the cache must be the one it was built from (same examples, in order)."""
+        for name, split in splits.items():
+            info = self.meta["splits"].get(name)
+            if info is None:
+                raise RlkdError(f"teacher cache {self.root} has no '{name}' split (it has "
+                                f"{', '.join(self.meta['splits'])}); rebuild it with cache.splits=[train,validation]")
+            fp = split_fingerprint(split.dataset)
+            if fp != info["fingerprint"]:
+                raise RlkdError(
+                    f"teacher cache {self.root} was built from another '{name}' split ({info['num_examples']} examples, "
+                    f"fingerprint {info['fingerprint']}; this run has {len(split.dataset)}, {fp}); use the dataset.*, "
+                    f"tokenizer and trainer.eval_examples settings it was built with (see {self.root / META}), or "
+                    "rebuild it with rlkd cache-teacher and this run's overrides")
+
+    # -- reading rows -------------------------------------------------------------------------
+
+    def _shard(self, split: str, index: int):
+        key = (split, index)
+        if key not in self._handles:
+            from safetensors import safe_open
+
+            path = self.root / split / shard_name(index)
+            try:
+                handle = safe_open(str(path), framework="pt")
+                self._offsets[key] = handle.get_tensor("offsets")
+            except Exception as e:  # a missing or damaged shard file
+                raise RlkdError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache (rlkd "
+                                "cache-teacher) or restore the file") from e
+            self._handles[key] = handle
+        return self._handles[key], self._offsets[key]
+
+    def example_rows(self, split: str, examples: list[int]) -> TopKLogits:
+        """The cached rows of ``examples`` (indices into the split), concatenated in the given order."""
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("ids", "logits", "log_normalizer", "tail_log_mass")}
+        for i in examples:
+            handle, offsets = self._shard(split, i // self.shard_examples)
+            j = i % self.shard_examples
+            a, b = int(offsets[j]), int(offsets[j + 1])
+            for name, chunks in parts.items():
+                chunks.append(handle.get_slice(name)[a:b])
+        cat = {n: torch.cat(c) if c else torch.empty(0) for n, c in parts.items()}
+        return TopKLogits(cat["ids"], cat["logits"], cat["log_normalizer"], cat["tail_log_mass"], self.temperatures)
+
+    def rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, split: str = "train") -> TopKLogits:
+        """The teacher rows of a micro-batch's scored positions (the engine's teacher interface)."""
+        examples = [int(i) for i in batch["example_ids"].tolist()]
+        rows = self.example_rows(split, examples)
+        require(rows.ids.shape[0] == idx.numel(),
+                f"teacher cache {self.root} holds {rows.ids.shape[0]} positions for examples {examples[:4]}... of "
+                f"the {split} split but the batch scores {idx.numel()}; the cache does not belong to this dataset")
+        return rows.to(idx.device)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a cache: rlkd cache-teacher
+# ----------------------------------------------------------------------------------------------
+
+def validate_cache_cfg(cc: DictConfig) -> dict[str, Any]:
+    def integer(key: str, minimum: int) -> int:
+        value = cc.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise RlkdError(f"cache.{key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    dtype = str(cc.get("dtype", "float32"))
+    require(dtype in DTYPES, f"cache.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    splits = list(cc.get("splits") or [])
+    require(splits and all(s in SPLITS for s in splits),
+            f"cache.splits must list some of {', '.join(SPLITS)}, got {splits!r}")
+    temps = []
+    for t in cc.get("temperatures") or []:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise RlkdError(f"cache.temperatures must hold numbers > 0, got {t!r}")
+        temps.append(float(t))
+    return {"top_k": integer("top_k", 1), "shard_examples": integer("shard_examples", 1),
+            "batch_size": integer("batch_size", 1), "dtype": dtype, "splits": splits, "temperatures": temps,
+            "out": cc.get("out")}
+
+
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _shard_complete(path: Path, n_examples: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice("offsets").get_shape()) == (n_examples + 1,)
+    except Exception:
+        return False
+
+
+@torch.no_grad()
+def cache_split(teacher: chunking.LiveTeacher, ds, *, out: Path, split: str, opts: dict[str, Any],
+                temperatures: tuple[float, ...], chunk: int, pad_id: int, device: torch.device, precision: str,
+                on_shard=None) -> dict[str, Any]:
+    """Write the shards of one split (skipping complete ones); return its entry for cache.json."""
+    from rlkd_cli.engine import autocast
+
+    n = len(ds)
+    per = opts["shard_examples"]
+    n_shards = (n + per - 1) // per
+    done, positions = [], 0
+    for s in range(n_shards):
+        lo, hi = s * per, min((s + 1) * per, n)
+        path = out / split / shard_name(s)
+        if _shard_complete(path, hi - lo):
+            done.append(s)
+            if on_shard:
+                on_shard(split, s, n_shards, skipped=True)
+            continue
+        parts: dict[str, list[torch.Tensor]] = {n_: [] for n_ in ("ids", "logits", "log_normalizer", "tail_log_mass")}
+        counts: list[int] = []
+        for b in range(lo, hi, opts["batch_size"]):
+            ids = list(range(b, min(b + opts["batch_size"], hi)))
+            batch = {k: v.to(device) for k, v in data_mod.collate([ds[i] for i in ids], pad_id).items()}
+            idx, _ = chunking.response_index(batch["labels"])
+            keep = batch["labels"][:, 1:] != -100
+            counts += keep.sum(-1).tolist()
+            with autocast(device, precision):
+                rows = teacher.rows(batch, idx)
+                for sl in chunking.chunk_slices(len(rows), chunk):
+                    top = TopKLogits.from_logits(rows[sl], opts["top_k"], temperatures)
+                    parts["ids"].append(top.ids.to(torch.int32).cpu())
+                    parts["logits"].append(top.logits.to(DTYPES[opts["dtype"]]).cpu())
+                    parts["log_normalizer"].append(top.log_normalizer.float().cpu())
+                    parts["tail_log_mass"].append(top.tail_log_mass.float().cpu())
+        tensors = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+        k_eff = min(opts["top_k"], teacher.vocab)
+        if not parts["ids"]:  # a shard of examples with no response position
+            tensors = {"ids": torch.empty(0, k_eff, dtype=torch.int32),
+                       "logits": torch.empty(0, k_eff, dtype=DTYPES[opts["dtype"]]),
+                       "log_normalizer": torch.empty(0, len(temperatures)),
+                       "tail_log_mass": torch.empty(0, len(temperatures))}
+        tensors["offsets"] = torch.tensor([0] + np.cumsum(counts).tolist(), dtype=torch.int64)
+        _save_shard(path, tensors, {"split": split, "first_example": str(lo), "examples": str(hi - lo)})
+        positions += int(tensors["ids"].shape[0])
+        done.append(s)
+        if on_shard:
+            on_shard(split, s, n_shards, skipped=False)
+    return {"num_examples": n, "num_shards": n_shards, "shards_done": done}
+
+
+def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """``rlkd cache-teacher``: compose like distill, run the teacher over the splits, write the cache."""
+    from rlkd_cli import models
+    from rlkd_cli.config import validate_ks, validate_trainer
+    from rlkd_cli.engine import choose_device_and_precision, make_accelerator, resolve_tokenizer
+
+    opts = validate_cache_cfg(cfg.cache)
+    validate_trainer(cfg.trainer)
+    ks = validate_ks(cfg.metrics.ks)
+    out_dir = ensure_writable_dir(out_dir)
+    target = ensure_writable_dir(Path(os.path.expanduser(str(opts["out"]))) if opts["out"] else out_dir / "teacher_cache",
+                                 "cache.out")
+    objective = Objective.from_config(cfg.loss)
+    temperatures = tuple(sorted({1.0, *loss_temperatures(objective), *opts["temperatures"]}))
+    for key, fn, _, options in objective.active_terms:
+        if fn is ranking_loss and int(options.get("k", 5)) > opts["top_k"]:
+            raise RlkdError(f"loss term {key!r} ranks the top-{options.get('k', 5)} but cache.top_k={opts['top_k']}; "
+                            f"raise cache.top_k to at least {options.get('k', 5)}")
+    require(max(ks) <= opts["top_k"], f"metrics.ks goes up to {max(ks)} but cache.top_k={opts['top_k']}; "
+                                      f"raise cache.top_k or lower metrics.ks")
+    device_name, precision = choose_device_and_precision(cfg.trainer)
+    device = make_accelerator(cfg.trainer).device
+    tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
+    vocab = len(tokenizer)
+    if opts["top_k"] > vocab:
+        log.warning("cache.top_k=%d exceeds the vocabulary (%d tokens): every logit is kept", opts["top_k"], vocab)
+    teacher_path = models.ensure_teacher(cfg, tokenizer)
+    model = models.load_pretrained(teacher_path, role="teacher", dtype=torch.bfloat16 if precision == "bf16" else None,
+                                   trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
+    models.check_vocab(model, tokenizer, role="teacher")
+    model.requires_grad_(False).eval().to(device)
+    teacher = chunking.LiveTeacher(model, vocab, split_head=bool(cfg.trainer.get("split_head", True)))
+    chunk = chunking.resolve_chunk_size(cfg.trainer.get("chunk_size", "auto"), vocab)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    splits = {name: data_mod.build_split(cfg.dataset, tokenizer, name,
+                                         limit=cfg.trainer.get("eval_examples") if name == "validation" else None)
+              for name in opts["splits"]}
+
+    # what a cache folder must agree on to be resumed (paths may move; contents may not change)
+    identity = {
+        "format": FORMAT, "top_k": min(opts["top_k"], vocab), "dtype": opts["dtype"],
+        "temperatures": list(temperatures), "shard_examples": opts["shard_examples"],
+        "teacher_signature": teacher_signature(str(teacher_path)),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": vocab,
+    }
+    split_ids = {name: {"fingerprint": split_fingerprint(s.dataset), "num_examples": len(s.dataset),
+                        "num_response_tokens": s.stats.get("num_response_tokens")} for name, s in splits.items()}
+    meta_path = target / META
+    with file_lock(target / ".lock"):  # one writer per cache folder
+        for leftover in target.glob("*/.tmp-shard-*"):  # writes killed before their rename
+            leftover.unlink(missing_ok=True)
+        if meta_path.exists():
+            try:
+                old = json.loads(meta_path.read_text())
+            except ValueError:
+                old = {}
+            changed = [k for k, v in identity.items() if old.get(k) != v] + [
+                f"splits.{n}" for n, v in split_ids.items()
+                if old.get("splits", {}).get(n, {}).get("fingerprint") != v["fingerprint"]]
+            if changed:
+                raise RlkdError(f"{target} holds a teacher cache built with other settings ({', '.join(changed[:5])} "
+                                "differ); choose another cache.out, or delete that folder to rebuild it")
+            log.info("resuming the teacher cache in %s", target)
+        meta = {**identity, "status": "incomplete", "teacher": models.describe(cfg.teacher),
+                "teacher_path": str(teacher_path), "tokenizer_name": getattr(tokenizer, "name_or_path", None),
+                "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                "splits": {n: {**v, "num_shards": -(-v["num_examples"] // opts["shard_examples"]), "shards_done": []}
+                           for n, v in split_ids.items()}}
+        atomic_write_json(meta_path, meta)
+        log.info("caching the top-%d logits of teacher %s over %s (%s) into %s", identity["top_k"], meta["teacher"],
+                 ", ".join(f"{n}: {len(s.dataset)} examples" for n, s in splits.items()),
+                 ", ".join(f"T={t:g}" for t in temperatures), target)
+        started = time.perf_counter()
+        written = {"new": 0, "skipped": 0}
+
+        def on_shard(split: str, s: int, total: int, skipped: bool) -> None:
+            written["skipped" if skipped else "new"] += 1
+            if not skipped:
+                log.info("%s shard %d/%d written", split, s + 1, total)
+
+        for name, split in splits.items():
+            entry = cache_split(teacher, split.dataset, out=target, split=name, opts=opts, temperatures=temperatures,
+                                chunk=chunk, pad_id=pad_id, device=device, precision=precision, on_shard=on_shard)
+            meta["splits"][name].update(entry)
+            atomic_write_json(meta_path, meta)
+        meta["status"] = "complete"
+        atomic_write_json(meta_path, meta)
+    size = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
+    summary = {"command": "cache-teacher", "status": "completed", "cache": str(target), "top_k": identity["top_k"],
+               "temperatures": list(temperatures), "dtype": opts["dtype"], "device": device_name,
+               "precision": precision, "shards_written": written["new"], "shards_reused": written["skipped"],
+               "bytes": size, "time_s": round(time.perf_counter() - started, 3),
+               "splits": {n: {"examples": v["num_examples"], "response_tokens": v["num_response_tokens"]}
+                          for n, v in split_ids.items()}}
+    atomic_write_json(out_dir / "summary.json", summary)
+    log.info("teacher cache complete: %s (%.1f MB, %d shards written, %d reused); distil from it with "
+             "rlkd distill teacher.cache=%s", target, size / 1e6, written["new"], written["skipped"], target)
+    return summary
