@@ -117,6 +117,7 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     try:
         _check_group_choices(args)
+        args = _multiprocess_args(args)
         sys.argv = [f"rlkd {command}", *args]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves below
         hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
@@ -169,6 +170,19 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         raise typer.Exit(1)
 
 
+def _multiprocess_args(args: list[str]) -> list[str]:
+    """In a multi-process launch every process composes the same run dir (see ``${rlkd_now:...}``);
+    only rank 0 writes Hydra's ``.hydra/`` record."""
+    from rlkd_cli.config import has_launcher_store, launch_rank, launch_world
+
+    if launch_world() <= 1:
+        return args
+    if not has_launcher_store() and not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
+        raise RlkdError("this multi-process launch has no torchrun store to agree on a run dir; launch with "
+                        "torchrun or accelerate launch, or pass hydra.run.dir=DIR (the same for every process)")
+    return args + (["hydra.output_subdir=null"] if launch_rank() > 0 else [])
+
+
 def _wrap_task(task: Callable) -> Callable:
     """Run the task; inside a multirun a failing job is recorded (failed.json) and the sweep goes on."""
 
@@ -176,8 +190,12 @@ def _wrap_task(task: Callable) -> Callable:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from rlkd_cli.config import launch_rank
+
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
+        if launch_rank() > 0:  # the other processes of a multi-process launch: warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
         if hc.mode != RunMode.MULTIRUN:
             try:
                 task(cfg, out_dir)

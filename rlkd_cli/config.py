@@ -1,13 +1,16 @@
 """Where the config tree lives, what its groups offer, and checks of values Hydra cannot type-check.
 
 The tree is ``conf/`` at the repository root (an editable install) or ``rlkd_cli/conf`` inside an
-installed wheel. Primary configs: ``sft.yaml``, ``distill.yaml``, ``measure-alignment.yaml``, ``evaluate.yaml``; groups:
+installed wheel. Primary configs: ``sft.yaml``, ``distill.yaml``, ``cache-teacher.yaml``, ``measure-alignment.yaml``,
+``evaluate.yaml``; groups:
 ``teacher``, ``student``, ``dataset``, ``loss``, ``trainer``, ``logger``.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +18,53 @@ from omegaconf import DictConfig, OmegaConf
 from rlkd_cli.errors import RlkdError, require
 
 GROUPS = ("teacher", "student", "dataset", "loss", "trainer", "logger")
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process launches (torchrun, accelerate launch): one run dir for all processes
+# ----------------------------------------------------------------------------------------------
+
+def launch_rank() -> int:
+    """This process's global rank in a torchrun/accelerate launch (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launch_world() -> int:
+    """The number of processes of the launch (1 when launched alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def has_launcher_store() -> bool:
+    """Whether torchrun's agent store (a key-value server every process can reach) is available."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true" and "MASTER_PORT" in os.environ
+
+
+_LAUNCH_TIME: list[datetime.datetime] = []
+
+
+def launch_time() -> datetime.datetime:
+    """Now; in a multi-process launch, rank 0's start time, shared through torchrun's store (computed once)."""
+    if launch_world() <= 1 or not has_launcher_store():
+        return datetime.datetime.now()
+    if not _LAUNCH_TIME:
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(minutes=10))
+        key = f"rlkd/launch_time/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        if launch_rank() == 0:
+            store.set(key, datetime.datetime.now().isoformat())
+        _LAUNCH_TIME.append(datetime.datetime.fromisoformat(store.get(key).decode()))
+    return _LAUNCH_TIME[0]
+
+
+def register_resolvers() -> None:
+    """``${rlkd_now:FORMAT}``: like Hydra's ``${now:...}``, but the same for every process of a launch."""
+    if not OmegaConf.has_resolver("rlkd_now"):
+        OmegaConf.register_new_resolver("rlkd_now", lambda fmt: launch_time().strftime(fmt), use_cache=True)
+
+
+register_resolvers()
 
 
 def conf_dir() -> Path:

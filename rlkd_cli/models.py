@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ from rlkd_cli.errors import RlkdError, require
 from rlkd_cli.io import atomic_dir, file_lock
 
 log = logging.getLogger(__name__)
+
+# How long the other processes of a multi-process launch wait for process 0 to train the tiny teacher.
+TEACHER_WAIT_S = 3600
 
 # Files that mark a folder as a finished Hugging Face model.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -185,6 +189,19 @@ def ensure_teacher(cfg: DictConfig, tokenizer) -> str:
     path = cached_teacher_path(cfg)
     if _is_complete(path):
         return str(path)
+    from rlkd_cli.config import launch_rank, launch_world
+
+    if launch_world() > 1 and launch_rank() != 0:
+        # a multi-process launch: process 0 trains it (transformers saves models on rank 0 only)
+        log.info("waiting for process 0 to train the tiny teacher into %s", path)
+        deadline = time.monotonic() + TEACHER_WAIT_S
+        while not _is_complete(path):
+            require(time.monotonic() < deadline,
+                    f"process {launch_rank()} waited {TEACHER_WAIT_S // 60} min for process 0 to train the tiny "
+                    f"teacher into {path}; on several machines put cache_dir on a shared disk, or train it first "
+                    "(rlkd sft) and pass teacher.name_or_path")
+            time.sleep(1.0)
+        return str(path)
     with file_lock(str(path) + ".lock"):
         if _is_complete(path):  # another job finished it while we waited
             log.info("Using the tiny teacher trained by another job: %s", path)
@@ -199,7 +216,9 @@ def ensure_teacher(cfg: DictConfig, tokenizer) -> str:
                     "(first use only; later runs and sweep jobs reuse it).", path)
         with atomic_dir(path) as tmp:
             sub = teacher_training_config(cfg)
-            result = engine.train(sub, tmp / "run", mode="sft", tokenizer=tokenizer, log_prefix="teacher")
+            # solo: in a multi-process launch only the process holding the lock trains it
+            result = engine.train(sub, tmp / "run", mode="sft", tokenizer=tokenizer, log_prefix="teacher",
+                                  solo=True)
             final = Path(result["checkpoint"])
             for item in final.iterdir():
                 if item.is_file() and item.name not in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
