@@ -79,6 +79,7 @@ __all__ = [
     "reverse_kl",
     "skew_kl",
     "skew_reverse_kl",
+    "top_k",
     "tvd",
 ]
 
@@ -215,6 +216,8 @@ def _positions(shape: torch.Size, mask: torch.Tensor | None, device: torch.devic
             f"{tuple(batch_shape)}; pass a mask of the logits' shape without the vocabulary axis"
         )
     keep = mask.to(device=device).reshape(-1) != 0
+    if bool(keep.all()):  # every position counts: no row selection (and no copy of the logits)
+        return _Positions(batch_shape, None, total)
     return _Positions(batch_shape, keep.nonzero().squeeze(-1), total)
 
 
@@ -284,6 +287,101 @@ def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor
     return torch.logaddexp(log_p + math.log(w), log_q + math.log1p(-w))
 
 
+# Fused row kernels. Plain autograd over the expressions above makes about twenty passes over
+# [N, V] (log_softmax, floor, exp, products, and their backward), each allocating a tensor. The
+# forward KL and the cross-entropy -- the terms of most mixes -- have short closed-form gradients,
+# so they get autograd functions that make a handful of passes and save only the softmaxes. They
+# are used when the teacher is not differentiated and every row's value comes out finite; rows
+# with infinite or NaN logits (a masked vocabulary) make the call fall back to the general path,
+# whose LOGP_FLOOR convention covers them. (For finite logits the floor never changes a value
+# that matters: it only acts below log p = -1e6.)
+
+
+def _softmax_and_lse(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(z), logsumexp(z))`` over the last axis of finite ``[N, V]`` logits, in 4 passes."""
+    m = z.amax(-1, keepdim=True)
+    p = torch.sub(z, m).exp_()
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    return p, (m + total.log()).squeeze(-1)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of ``[N, V]`` tensors without a temporary (a batched matmul)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+class _ForwardKLRows(torch.autograd.Function):
+    """Row-wise KL(softmax(zt) || softmax(zs)); gradient ``softmax(zs) - softmax(zt)`` w.r.t. ``zs``."""
+
+    @staticmethod
+    def forward(ctx, zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+        ps, lse_s = _softmax_and_lse(zs)
+        pt, lse_t = _softmax_and_lse(zt)
+        # sum_v pt (zt - lse_t - zs + lse_s), using sum_v pt = 1
+        values = _row_dot(pt, torch.sub(zt, zs)) - (lse_t - lse_s)
+        ctx.save_for_backward(ps, pt)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ps, pt = ctx.saved_tensors
+        return torch.sub(ps, pt).mul_(grad.unsqueeze(-1)), None
+
+
+class _CrossEntropyRows(torch.autograd.Function):
+    """Row-wise ``logsumexp(z) - z[y]``; gradient ``softmax(z) - onehot(y)``."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p, lse = _softmax_and_lse(z)
+        ctx.save_for_backward(p, y)
+        return lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, y = ctx.saved_tensors
+        g = p.scatter_add(-1, y.unsqueeze(-1), torch.full_like(grad.unsqueeze(-1), -1.0))
+        return g.mul_(grad.unsqueeze(-1)), None
+
+
+class _LumpedForwardKLRows(torch.autograd.Function):
+    """Row-wise forward KL on the K cached ids plus the tail bin (:func:`lumped_log_probs`), fused.
+
+    With ``p = softmax(zs)``, ``r_S`` its mass off the cached ids and ``r_T`` the teacher's, the
+    gradient w.r.t. ``zs`` is ``p_j - p_T,j`` on a cached id and ``p_j (1 - r_T / r_S)`` elsewhere.
+    """
+
+    @staticmethod
+    def forward(ctx, zs: torch.Tensor, ids: torch.Tensor, lt_top: torch.Tensor, lt_tail: torch.Tensor):
+        p, lse = _softmax_and_lse(zs)
+        p_top = p.gather(-1, ids)
+        p.scatter_(-1, ids, 0.0)  # p now holds the tail only: its exact sum, no 1 - sum cancellation
+        r_s = p.sum(-1)
+        ls_top = (zs.gather(-1, ids) - lse.unsqueeze(-1)).clamp_min(LOGP_FLOOR)
+        ls_tail = r_s.log().clamp_min(LOGP_FLOOR)
+        pt_top, r_t = lt_top.exp(), lt_tail.exp()
+        values = (pt_top * (lt_top - ls_top)).sum(-1) + r_t * (lt_tail - ls_tail)
+        # False if a floor is active in some row (a vanishing student tail or cached id): the caller
+        # then takes the general path, whose gradient follows the floor convention
+        unfloored = ((ls_top > LOGP_FLOOR).all(-1) & ((ls_tail > LOGP_FLOOR) | (r_t == 0))).all()
+        ctx.mark_non_differentiable(unfloored)
+        ctx.save_for_backward(p, ids, p_top - pt_top, torch.where(r_s > 0, r_t / r_s, torch.zeros_like(r_s)))
+        return values, unfloored
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _unused):
+        p_tail, ids, g_top, ratio = ctx.saved_tensors
+        g = p_tail * (1.0 - ratio).unsqueeze(-1)
+        g.scatter_(-1, ids, g_top)
+        return g.mul_(grad.unsqueeze(-1)), None, None, None
+
+
+def _scaled(x: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    z = x.to(dtype)
+    return z / temperature if temperature != 1.0 else z
+
+
 def apply_divergence(
     core: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     student_logits: torch.Tensor,
@@ -318,6 +416,46 @@ def apply_divergence(
     else:
         values = core(_log_probs(s, temperature, dtype), _log_probs(t, temperature, dtype))
     return _reduce(values, pos, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k selection
+# --------------------------------------------------------------------------------------------
+
+#: :func:`top_k` cuts rows into blocks of this many entries on the CPU.
+TOPK_BLOCK = 64
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of the ``k`` largest entries along the last axis, in decreasing order.
+
+    The same as ``x.topk(k, dim=-1)``, faster on the CPU for a small ``k`` over a long last axis
+    (a vocabulary): there ``torch.topk`` selects within a copy of each row, about 4x slower than
+    this. Each row is cut into blocks of :data:`TOPK_BLOCK` entries; one vectorised max pass finds
+    every block's maximum; the ``k`` blocks with the largest maxima hold every top-``k`` entry (a
+    block whose maximum exceeds the ``k``-th largest value contains a top-``k`` entry itself, so
+    at most ``k`` blocks qualify), and the top-``k`` is taken among their ``k * 64`` entries.
+    Values are identical to ``torch.topk``; among entries tied at the ``k``-th value the choice of
+    ids may differ (it is implementation-defined for ``torch.topk`` too). Elsewhere (CUDA, short
+    rows) this is ``torch.topk``.
+    """
+    V = x.shape[-1]
+    b = TOPK_BLOCK
+    if x.device.type != "cpu" or V < 4 * k * b or x.numel() == 0:
+        out = x.topk(k, dim=-1, sorted=True)
+        return out.values, out.indices
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, V)
+    n, nb = flat.shape[0], V // b
+    blocks = flat[:, :nb * b].reshape(n, nb, b)
+    best = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k] blocks
+    cand = blocks.gather(1, best.unsqueeze(-1).expand(n, k, b)).reshape(n, k * b)
+    cand_ids = (best.unsqueeze(-1) * b + torch.arange(b, device=x.device)).reshape(n, k * b)
+    if nb * b < V:  # the ragged last block always takes part
+        cand = torch.cat([cand, flat[:, nb * b:]], dim=1)
+        cand_ids = torch.cat([cand_ids, torch.arange(nb * b, V, device=x.device).expand(n, -1)], dim=1)
+    values, pos = cand.topk(k, dim=-1, sorted=True)
+    return values.reshape(*lead, k), cand_ids.gather(1, pos).reshape(*lead, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,14 +521,14 @@ class TopKLogits:
             _check_positive("temperature", t)
         k = min(k, logits.shape[-1])
         z = logits.to(_compute_dtype(logits))
-        top = z.topk(k, dim=-1, sorted=True)
-        rest = z.scatter(-1, top.indices, -math.inf)
+        values, ids = top_k(z, k)
+        rest = z.scatter(-1, ids, -math.inf)
         norms, tails = [], []
         for t in temps:
             norm = torch.logsumexp(z / t, dim=-1)
             norms.append(norm)
             tails.append(torch.logsumexp(rest / t, dim=-1) - norm)
-        return cls(ids=top.indices, logits=top.values.to(logits.dtype), log_normalizer=torch.stack(norms, -1),
+        return cls(ids=ids, logits=values.to(logits.dtype), log_normalizer=torch.stack(norms, -1),
                    tail_log_mass=torch.stack(tails, -1), temperatures=temps)
 
     def check_against(self, student_logits: torch.Tensor) -> None:
@@ -562,6 +700,25 @@ def forward_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, re
     :math:`p = \mathrm{softmax}(z/\tau)` for both models, no :math:`\tau^2` factor. Options: none
     besides ``temperature``.
     """
+    if isinstance(teacher_logits, TopKLogits) or not teacher_logits.requires_grad:
+        # the same value and gradient in a few fused passes (_ForwardKLRows, _LumpedForwardKLRows)
+        _check_reduction(reduction)
+        _check_options(temperature=temperature)
+        st, tt, pos = _prepare(student_logits, teacher_logits, mask)
+        dtype = _compute_dtype(student_logits)
+        zs = _scaled(st, temperature, dtype)
+        if isinstance(tt, TopKLogits):
+            tt = tt.to(zs.device)
+            ids = tt.ids.long()
+            if tt.k < zs.shape[-1]:  # (a cache of the whole vocabulary has no tail bin)
+                lt_top, lt_tail = tt.log_probs(temperature, dtype)
+                values, unfloored = _LumpedForwardKLRows.apply(zs, ids, lt_top, lt_tail)
+                if bool(unfloored & torch.isfinite(values).all()):
+                    return _reduce(values, pos, reduction)
+        else:
+            values = _ForwardKLRows.apply(zs, _scaled(tt, temperature, dtype))
+            if bool(torch.isfinite(values).all()):
+                return _reduce(values, pos, reduction)
     return apply_divergence(
         lambda ls, lt: _kl_rows(lt, ls),
         student_logits,
@@ -809,6 +966,9 @@ def cross_entropy(
         )
     if temperature != 1.0:
         x = x / temperature
+    values = _CrossEntropyRows.apply(x, y.long())  # value and gradient in a few fused passes
+    if bool(torch.isfinite(values).all()):
+        return _reduce(values, pos, reduction)
     lse = torch.logsumexp(x, dim=-1)
     target = x.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
     values = (lse - target).clamp_max(-LOGP_FLOOR)
@@ -922,9 +1082,9 @@ def ranking_loss(
             t_ids, t_top = t.ids[..., :k].long(), _finite(t.logits[..., :k].to(dtype))
         else:
             t = t.detach()
-            t_ids = t.topk(k, dim=-1).indices  # [N, k]
+            t_ids = top_k(t, k)[1]  # [N, k]
         if index_set == "union":
-            s_ids = s.detach().topk(k, dim=-1).indices  # [N, k]
+            s_ids = top_k(s.detach(), k)[1]  # [N, k]
             seen = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1)  # student id already a teacher id
             ids = torch.cat([t_ids, s_ids], dim=-1)
             valid = torch.cat([torch.ones_like(seen), ~seen], dim=-1)

@@ -17,7 +17,7 @@ and return float tensors.
 For evaluation over many batches, :func:`alignment_sums` returns plain sums and a count for every
 ``k`` at once, :func:`add_sums` accumulates them and :func:`finalize` divides by the count.
 
-Ties. Top-k lists come from :func:`torch.topk` (descending). Sums for several ``k`` are computed
+Ties. Top-k lists come from :func:`rlkd_cli.losses.top_k` (``torch.topk``'s values, descending). Sums for several ``k`` are computed
 from one top-``K`` selection with ``K = max(ks)``, taking prefixes for smaller ``k``; the prefix
 equals a direct top-``k`` as a set and in order except when logits tie exactly at the boundary,
 where the choice among tied ids is implementation-defined either way.
@@ -38,7 +38,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from rlkd_cli.errors import RlkdError
-from rlkd_cli.losses import TopKLogits, _check_reduction, _positions, _reduce, _rows, _teacher_rows
+from rlkd_cli.losses import TopKLogits, _check_reduction, top_k, _positions, _reduce, _rows, _teacher_rows
 
 __all__ = [
     "add_sums",
@@ -98,14 +98,14 @@ def _teacher_topk(t_rows, k: int) -> torch.Tensor:
     """The teacher's top-``k`` ids of rows: ``topk`` of dense logits, the first ``k`` of a cache."""
     if isinstance(t_rows, TopKLogits):
         return t_rows.ids[..., :k].long()
-    return t_rows.topk(k, dim=-1).indices
+    return top_k(t_rows, k)[1]
 
 
 def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """The ids of the ``k`` largest logits along the last axis, ordered by decreasing logit."""
     _check_k(k, logits.shape[-1])
     with torch.no_grad():
-        return logits.topk(k, dim=-1, sorted=True).indices
+        return top_k(logits, k)[1]
 
 
 def _overlap_counts(s_ids: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ def _per_position(student_logits, teacher_logits, k, mask, reduction, kind: str)
     _check_k(k, _vocab(student_logits, teacher_logits))
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
-        s_ids = _rows(student_logits, pos).topk(k, dim=-1).indices
+        s_ids = top_k(_rows(student_logits, pos), k)[1]
         t_ids = _teacher_topk(_teacher_rows(teacher_logits, pos), k).to(s_ids.device)
         if kind == "cr":
             values = (s_ids == t_ids).all(-1).float()
@@ -185,7 +185,7 @@ def alignment_sums(student_logits, teacher_logits, ks: Iterable[int], mask=None)
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
         K = max(ks)
-        s_ids = _rows(student_logits, pos).topk(K, dim=-1).indices
+        s_ids = top_k(_rows(student_logits, pos), K)[1]
         t_ids = _teacher_topk(_teacher_rows(teacher_logits, pos), K).to(s_ids.device)
         return _sums_from_ids(s_ids, t_ids, ks)
 
@@ -265,7 +265,7 @@ def alignment_sums_by_modes(
         pos = _positions(student_logits.shape, mask, student_logits.device)
         K = max(ks)
         t_rows = _teacher_rows(teacher_logits, pos)
-        s_ids = _rows(student_logits, pos).topk(K, dim=-1).indices
+        s_ids = top_k(_rows(student_logits, pos), K)[1]
         t_ids = _teacher_topk(t_rows, K).to(s_ids.device)
         modes = teacher_modes(t_rows, ratio).to(s_ids.device)
         out: dict[str, float] = {}

@@ -826,3 +826,83 @@ def test_presets_accept_hydra_overrides():
         )
     obj = L.Objective.from_config(cfg.loss)
     assert obj.describe() == "2.0·rank(k=15, index_set=union, tau=1.0) + 0.5·kl + 0.1·ce"
+
+
+# --------------------------------------------------------------------------------------------
+# Fused fast paths == the general autograd path; top_k == torch.topk
+# --------------------------------------------------------------------------------------------
+
+
+def _general_kl(s, t, mask=None, **kw):
+    return L.apply_divergence(lambda ls, lt: L._kl_rows(lt, ls), s, t, mask, **kw)
+
+
+def _general_ce(s, labels, temperature=1.0):
+    x = s.to(torch.float64 if s.dtype == torch.float64 else torch.float32) / temperature
+    return (torch.logsumexp(x, -1) - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_fused_kl_and_ce_equal_the_general_path(dtype, temperature):
+    s = (random_logits((3, 4, 50), seed=71, scale=4.0).to(dtype)).requires_grad_()
+    t = with_peaked_teacher(random_logits((3, 4, 50), seed=72, scale=4.0)).to(dtype)
+    labels = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(73))
+    mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(74)) > 0.3
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    for fused, general in (
+        (lambda: L.forward_kl(s, t, mask, temperature=temperature, reduction="sum"),
+         lambda: _general_kl(s, t, mask, temperature=temperature, reduction="sum")),
+        (lambda: L.cross_entropy(s, None, None, labels=labels, temperature=temperature, reduction="sum"),
+         lambda: _general_ce(s, labels, temperature)),
+    ):
+        a, b = fused(), general()
+        ga, = torch.autograd.grad(a, s)
+        gb, = torch.autograd.grad(b, s)
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(ga.float(), gb.float(), **tol)
+
+
+@pytest.mark.parametrize("k", [3, 20, 49])
+def test_fused_lumped_kl_equals_the_general_lumped_path(k):
+    s = random_logits((2, 5, 50), seed=75, scale=4.0).requires_grad_()
+    t = random_logits((2, 5, 50), seed=76, scale=4.0)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]])
+    cached = L.TopKLogits.from_logits(t, k, temperatures=(1.0, 2.0))
+    for temperature in (1.0, 2.0):
+        a = L.forward_kl(s, cached, mask, temperature=temperature, reduction="sum")
+        b = _general_kl(s, cached, mask, temperature=temperature, reduction="sum")
+        ga, = torch.autograd.grad(a, s)
+        gb, = torch.autograd.grad(b, s)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_paths_fall_back_on_infinite_logits():
+    """-inf logits (a masked vocabulary) make the fused paths give way to the floor convention."""
+    s = random_logits((4, 12), seed=77).requires_grad_()
+    t = random_logits((4, 12), seed=78)
+    s_inf = s.detach().clone()
+    s_inf[0, 3] = -math.inf  # the student forbids a token the teacher allows: a huge, finite KL
+    s_inf.requires_grad_()
+    value = L.forward_kl(s_inf, t, reduction="sum")
+    assert math.isfinite(value.item()) and value.item() > 1e4
+    value.backward()
+    assert torch.isfinite(s_inf.grad).all()
+    labels = torch.tensor([3, 1, 2, 5])
+    ce = L.cross_entropy(s_inf, None, labels=labels, reduction="none")
+    assert ce[0].item() == pytest.approx(-L.LOGP_FLOOR) and torch.isfinite(ce).all()
+    cached = L.TopKLogits.from_logits(t, 4)
+    lumped = L.forward_kl(s_inf, cached, reduction="none")
+    torch.testing.assert_close(lumped, _general_kl(s_inf, cached, reduction="none"))
+
+
+@pytest.mark.parametrize("shape,k", [((7, 32000), 5), ((3, 2, 5000), 15), ((4, 4099), 64), ((5, 300), 5), ((0, 9000), 3)])
+def test_top_k_matches_torch_topk(shape, k):
+    x = random_logits(shape, seed=79, dtype=torch.float32)
+    if x.numel():
+        x[..., -1] = x.max() + 1  # the winner in the ragged last block
+        x.view(-1, shape[-1])[0, 100:103] = float("-inf")
+    values, ids = L.top_k(x, k)
+    ref = x.topk(k, dim=-1)
+    assert torch.equal(values, ref.values) and torch.equal(ids, ref.indices)
