@@ -41,15 +41,22 @@ from rlkd_cli.losses import Objective, TopKLogits, cross_entropy
 
 log = logging.getLogger("rlkd.chunking")
 
-#: ``trainer.chunk_size: auto`` makes a chunk hold about this many logits (128 MiB per float32
-#: ``[n, V]`` temporary): 1024 positions at V = 32k, 256 at V = 128k.
+#: ``trainer.chunk_size: auto`` makes a chunk hold about this many logits on a GPU (128 MiB per
+#: float32 ``[n, V]`` temporary): 1024 positions at V = 32k, 256 at V = 128k; 8x fewer on the CPU.
 AUTO_CHUNK_ELEMENTS = 1 << 25
 
 
-def resolve_chunk_size(value: Any, vocab: int) -> int:
-    """``trainer.chunk_size``: an integer number of positions, or ``auto`` (:data:`AUTO_CHUNK_ELEMENTS` / V)."""
+def resolve_chunk_size(value: Any, vocab: int, device: torch.device | str) -> int:
+    """``trainer.chunk_size``: an integer number of positions, or ``auto``.
+
+    ``auto`` holds :data:`AUTO_CHUNK_ELEMENTS` logits per chunk on a GPU, and 8x fewer on the CPU
+    (16 MiB float32 temporaries: below glibc's 32 MiB mmap threshold, freed buffers are reused
+    instead of being mapped and page-faulted again for every chunk, which costs more than the
+    arithmetic).
+    """
     if value is None or str(value) == "auto":
-        return max(64, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+        elements = AUTO_CHUNK_ELEMENTS // (8 if torch.device(device).type == "cpu" else 1)
+        return max(16, elements // max(vocab, 1))
     return int(value)
 
 
@@ -75,15 +82,20 @@ class LMHead:
     def params(self) -> list[torch.Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def __call__(self, h: torch.Tensor, vocab: int, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        weight, bias = (params[0], params[1] if len(params) > 1 else None) if params is not None \
-            else (self.weight, self.bias)
-        x = F.linear(h, weight[:vocab], None if bias is None else bias[:vocab])
+    def linear(self, h: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``h W^T + b`` for the first ``vocab`` rows (no post-processing)."""
+        return F.linear(h, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
+
+    def post(self, z: torch.Tensor) -> torch.Tensor:
+        """What follows the linear layer (differentiable): scale, then soft-cap."""
         if self.scale != 1.0:
-            x = x * self.scale
+            z = z * self.scale
         if self.softcap:
-            x = torch.tanh(x / self.softcap) * self.softcap
-        return x
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def __call__(self, h: torch.Tensor, vocab: int) -> torch.Tensor:
+        return self.post(self.linear(h, vocab))
 
 
 def _head_of(model) -> LMHead | None:
@@ -185,8 +197,6 @@ class StudentRows:
     head: LMHead | None
     vocab: int
 
-    def logits(self, rows: torch.Tensor, params: Sequence[torch.Tensor] | None) -> torch.Tensor:
-        return self.head(rows, self.vocab, params) if self.head is not None else rows[:, :self.vocab]
 
 
 @dataclass
@@ -243,7 +253,13 @@ def chunk_slices(n: int, size: int) -> list[slice]:
 
 
 class _Loop:
-    """One pass over the chunks; with ``grad`` it also collects the gradients of the total."""
+    """One pass over the chunks; with ``grad`` it also collects the gradients of the total.
+
+    Per chunk the head's linear output ``z`` (``[n, V]``) is a leaf: the loss's gradient ``g_z`` is
+    taken by autograd (through the head's post-processing and every loss term), and the linear
+    layer's backward is done by hand: ``g_h = g_z W`` into the chunk's rows and ``g_W += g_z^T h``
+    accumulated in place, so no per-chunk ``[V, H]`` gradient is allocated.
+    """
 
     def __init__(self, objective: Objective, student: StudentRows, teacher, targets: torch.Tensor, chunk: int,
                  align_ks: Sequence[int] | None, by_modes: bool, nll: bool):
@@ -265,31 +281,33 @@ class _Loop:
             if self.by_modes:
                 metrics_mod.add_sums(self.align, metrics_mod.alignment_sums_by_modes(s, t, self.align_ks))
 
-    def run(self, rows: torch.Tensor, params: Sequence[torch.Tensor], grad: bool):
-        n = int(rows.shape[0])
+    def run(self, grad: bool):
+        """``(total, grad_rows, grad_params)``; the gradients are ``None`` without ``grad``."""
+        rows, head, vocab = self.student.rows, self.student.head, self.student.vocab
+        params = head.params if head is not None else []
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        grad_rows = torch.zeros_like(rows) if grad and rows.requires_grad else None
-        leaves = [p.detach().requires_grad_(p.requires_grad) for p in params] if grad else None
-        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params] if grad else []
-        for sl in chunk_slices(n, self.chunk):
+        grad_rows = torch.empty_like(rows) if grad and rows.requires_grad else None
+        if grad_rows is not None and head is None and vocab < rows.shape[-1]:
+            grad_rows[:, vocab:] = 0  # vocabulary padding: no gradient
+        want = [grad and p.requires_grad for p in params]
+        grad_params: list[torch.Tensor | None] = [None] * len(params)  # allocated by the first chunk
+        grad = grad and (grad_rows is not None or any(want))
+        for sl in chunk_slices(int(rows.shape[0]), self.chunk):
+            r = rows[sl].detach()
+            with torch.no_grad():
+                z = head.linear(r, vocab) if head is not None else r[:, :vocab]
             with torch.set_grad_enabled(grad):
-                r = rows[sl].detach().requires_grad_(grad_rows is not None)
-                s = self.student.logits(r, leaves)
+                z = z.requires_grad_(grad)
+                s = head.post(z) if head is not None else z
                 t = self.teacher[sl] if self.teacher is not None else None
                 y = self.targets[sl]
                 value, terms = self.objective(s, t, y, None, reduction="sum")
             if grad:
-                wrt = [x for x in ([r] if grad_rows is not None else []) + [l for l in leaves if l.requires_grad]]
-                grads = list(torch.autograd.grad(value, wrt, allow_unused=True)) if wrt else []
-                if grad_rows is not None:
-                    g = grads.pop(0)
-                    if g is not None:
-                        grad_rows[sl] = g
-                for i, leaf in enumerate(leaves):
-                    if leaf.requires_grad:
-                        g = grads.pop(0)
-                        if g is not None:
-                            grad_params[i] += g
+                g_z, = torch.autograd.grad(value, z)
+                if head is None:
+                    grad_rows[sl, :vocab] = g_z
+                else:
+                    _linear_backward(g_z, r, head, vocab, grad_rows, sl, grad_params, want)
             total += value.detach().float()
             for key, v in terms.items():
                 self.terms[key] = self.terms[key] + v.float() if key in self.terms else v.float()
@@ -297,21 +315,51 @@ class _Loop:
         return total, grad_rows, grad_params
 
 
+def _linear_backward(g_z: torch.Tensor, r: torch.Tensor, head: LMHead, vocab: int, grad_rows: torch.Tensor | None,
+                     sl: slice, grad_params: list[torch.Tensor | None], want: list[bool]) -> None:
+    """Backward of ``z = r W[:vocab]^T + b[:vocab]``: the rows' gradient into ``grad_rows[sl]``, W's and b's
+    accumulated in ``grad_params`` (allocated on the first call, in the parameters' dtype)."""
+    dt = g_z.dtype
+    if grad_rows is not None:
+        grad_rows[sl] = torch.mm(g_z, head.weight.detach()[:vocab].to(dt))
+    for i, p in enumerate(head.params):
+        if not want[i]:
+            continue
+        if grad_params[i] is None:
+            grad_params[i] = torch.zeros_like(p) if vocab < p.shape[0] else torch.empty_like(p)
+            first = vocab >= p.shape[0]
+        else:
+            first = False
+        acc = grad_params[i][:vocab]
+        if i == 1:  # the bias
+            part = g_z.sum(0).to(acc.dtype)
+            acc.copy_(part) if first else acc.add_(part)
+        elif acc.dtype == dt == r.dtype:
+            torch.mm(g_z.t(), r, out=acc) if first else acc.addmm_(g_z.t(), r)
+        else:
+            part = torch.mm(g_z.t(), r.to(dt))
+            acc.copy_(part) if first else acc.add_(part)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Forward: the loop above with gradients; backward: those gradients times the incoming one."""
 
     @staticmethod
     def forward(ctx, loop: _Loop, rows: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        total, grad_rows, grad_params = loop.run(rows, params, grad=True)
+        total, grad_rows, grad_params = loop.run(grad=True)
         ctx.grad_rows, ctx.grad_params = grad_rows, grad_params
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        g_rows = None if ctx.grad_rows is None else ctx.grad_rows * grad_out.to(ctx.grad_rows.dtype)
-        g_params = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grad_params]
+        if ctx.grad_params is None:
+            raise RuntimeError("the chunked loss's gradients were already used: backward through it only once")
+        grads = [ctx.grad_rows, *ctx.grad_params]
         ctx.grad_rows = ctx.grad_params = None
-        return (None, g_rows, *g_params)
+        for g in grads:  # scaled in place: these buffers belong to this backward alone
+            if g is not None:
+                g.mul_(grad_out.to(g.dtype))
+        return (None, grads[0], *[g if g is not None else None for g in grads[1:]])
 
 
 def objective_over_chunks(objective: Objective, student: StudentRows, teacher, targets: torch.Tensor, *,
@@ -331,7 +379,7 @@ def objective_over_chunks(objective: Objective, student: StudentRows, teacher, t
     if needs_grad:
         total = _ChunkedLoss.apply(loop, student.rows, *params)
     else:
-        total = loop.run(student.rows, params, grad=False)[0]
+        total = loop.run(grad=False)[0]
     terms = {k: float(v) for k, v in loop.terms.items()}
     return ChunkResult(total=total, terms=terms, align=loop.align,
                        nll=None if loop.nll_sum is None else float(loop.nll_sum), count=int(student.rows.shape[0]))

@@ -41,7 +41,7 @@ from rlkd_cli import metrics as metrics_mod
 from rlkd_cli import models
 from rlkd_cli.config import validate_ks, validate_trainer
 from rlkd_cli.errors import RlkdError, require
-from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, dumps, ensure_writable_dir
+from rlkd_cli.io import atomic_dir, atomic_write_json, atomic_write_text, dumps, ensure_writable_dir, publish_dir
 from rlkd_cli.losses import Objective
 
 log = logging.getLogger("rlkd.engine")
@@ -133,6 +133,31 @@ def make_accelerator(tc: DictConfig):
     return Accelerator(cpu=(device == "cpu"), mixed_precision="no")
 
 
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process for reuse (glibc only; returns whether it applied).
+
+    glibc maps every allocation above its mmap threshold (adaptive, at most 32 MiB) afresh and
+    returns it to the system when freed, and trims the heap top once 2x that is free. A training
+    step allocates and frees the same large tensors again and again (activations, chunk-sized
+    logits), so each one is page-faulted in anew: on 2 CPU cores that took 10-25 % of a step.
+    Fixing the threshold at its maximum and not trimming makes the allocator reuse that memory.
+    The peak footprint does not grow; memory is returned to the system when the process ends.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    ok &= libc.mallopt(m_trim_threshold, 2**31 - 1)
+    return bool(ok)
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA for ``precision == 'bf16'``; a no-op context otherwise."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -211,6 +236,23 @@ def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+def _write_model_files(folder: Path, *, model, tokenizer, cfg: DictConfig, state: TrainState,
+                       state_dict: dict | None = None) -> None:
+    """The Hugging Face model folder (one safetensors file), tokenizer, resolved config and trainer state."""
+    model.save_pretrained(folder, state_dict=state_dict, max_shard_size="1000GB")
+    tokenizer.save_pretrained(folder)
+    atomic_write_text(folder / "rlkd_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(folder / "trainer_state.json", asdict(state))
+
+
+def _point_latest_and_prune(ckpt_root: Path, name: str, keep_last: int) -> None:
+    atomic_write_text(ckpt_root / "latest", name + "\n")
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(out_dir: Path, *, model, tokenizer, cfg: DictConfig, state: TrainState, optimizer,
                     scheduler, keep_last: int) -> Path:
     """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/latest`` at it, then prune."""
@@ -218,29 +260,55 @@ def save_checkpoint(out_dir: Path, *, model, tokenizer, cfg: DictConfig, state: 
     name = f"step-{state.step:06d}"
     target = ckpt_root / name
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / "rlkd_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        _write_model_files(tmp, model=model, tokenizer=tokenizer, cfg=cfg, state=state)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
-        atomic_write_json(tmp / "trainer_state.json", asdict(state))
-    atomic_write_text(ckpt_root / "latest", name + "\n")
-    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    _point_latest_and_prune(ckpt_root, name, keep_last)
     return target
 
 
+def save_sharded_checkpoint(out_dir: Path, *, accelerator, module, model, tokenizer, cfg: DictConfig,
+                            state: TrainState, keep_last: int) -> Path | None:
+    """A checkpoint of a sharded (FSDP / DeepSpeed) run; every process must call it.
+
+    Each process writes its shard of the model, optimizer, scheduler and RNG state with
+    ``accelerator.save_state`` into ``<checkpoint>/accelerate_state`` (resumed with
+    ``accelerator.load_state``); process 0 adds the full weights gathered by
+    ``accelerator.get_state_dict`` as a plain Hugging Face model folder, and publishes the folder
+    with one rename. Returns the checkpoint path on process 0, ``None`` elsewhere.
+    """
+    ckpt_root = out_dir / "checkpoints"
+    name = f"step-{state.step:06d}"
+    tmp = ckpt_root / f".tmp-{name}-sharded"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / SHARDED_STATE))
+    state_dict = accelerator.get_state_dict(module)  # a collective: full weights on process 0
+    path = None
+    if accelerator.is_main_process:
+        _write_model_files(tmp, model=model, tokenizer=tokenizer, cfg=cfg, state=state, state_dict=state_dict)
+        path = ckpt_root / name
+        publish_dir(tmp, path)
+        _point_latest_and_prune(ckpt_root, name, keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "rlkd_config.yaml", *STATE_FILES)
+#: A sharded run's checkpoint keeps its trainer state here (accelerate.save_state), not in STATE_FILES.
+SHARDED_STATE = "accelerate_state"
+SHARDED_CHECKPOINT_FILES = ("config.json", "model.safetensors", "rlkd_config.yaml", "trainer_state.json")
 
 
 def missing_checkpoint_files(path: Path) -> list[str]:
     """The files of a complete rlkd checkpoint that ``path`` lacks (all of them if it is no folder)."""
     if not path.is_dir():
         return list(CHECKPOINT_FILES)
-    return [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    required = SHARDED_CHECKPOINT_FILES if (path / SHARDED_STATE).is_dir() else CHECKPOINT_FILES
+    return [f for f in required if not (path / f).is_file()]
 
 
 def clean_checkpoint_leftovers(ckpt_root: Path) -> list[str]:
@@ -471,6 +539,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         # Subnormal floats (from tiny gradients and Adam moments) make CPU kernels several times slower;
         # flushing them to zero changes nothing that matters for training.
         torch.set_flush_denormal(True)
+        tune_cpu_allocator()
     _quiet_transformers()
     world, rank = (1, 0) if solo else (accelerator.num_processes, accelerator.process_index)
     is_main = solo or accelerator.is_main_process
@@ -493,7 +562,14 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
             f"loss '{cfg.loss.get('name', '?')}' needs a teacher but `rlkd sft` has none; use loss=ce with sft, "
             "or run rlkd distill")
     split_heads = bool(tc.get("split_head", True))
-    if split_heads and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    sharded = not solo and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    require(solo or accelerator.distributed_type.value not in ("MEGATRON_LM", "XLA", "TP"),
+            f"rlkd trains with DDP, FSDP or DeepSpeed, not {accelerator.distributed_type.value}; change the "
+            "accelerate config")
+    require(not (sharded and accelerator.distributed_type.value == "DEEPSPEED" and int(tc.grad_accum) != 1),
+            "with DeepSpeed, accumulate gradients in the DeepSpeed config (gradient_accumulation_steps), and "
+            "keep trainer.grad_accum=1")
+    if split_heads and sharded:
         log.info("%s%s shards the model: the LM head is applied through the model's own forward",
                  tag, accelerator.distributed_type.value)
         split_heads = False
@@ -548,8 +624,10 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     module = chunking.Trunk(student) if head is not None else student
     if not solo:
         module, optimizer = accelerator.prepare(module, optimizer)
+    if sharded:  # accelerate.save_state / load_state then carry the schedule too
+        accelerator.register_for_checkpointing(scheduler)
     module.train()
-    chunk = chunking.resolve_chunk_size(tc.get("chunk_size", "auto"), vocab)
+    chunk = chunking.resolve_chunk_size(tc.get("chunk_size", "auto"), vocab, device)
     run_models = Models(student=module, head=head, teacher=teacher, vocab=vocab, chunk=chunk, device=device,
                         precision=precision)
     log.info("%sloss over response positions in chunks of %d; LM heads %s", tag, chunk,
@@ -595,7 +673,15 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
             raise RlkdError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff[:6])}"
                             f"{' ...' if len(diff) > 6 else ''}; run with the checkpoint's config or set "
                             "trainer.force_resume=true")
-        state = load_checkpoint(ckpt, model=unwrapped(), optimizer=optimizer, scheduler=scheduler)
+        if (ckpt / SHARDED_STATE).is_dir() != sharded:
+            raise RlkdError(f"cannot resume from {ckpt}: it was written by a {'non-' if sharded else ''}sharded run "
+                            f"and this one is {'' if sharded else 'not '}sharded (FSDP/DeepSpeed); resume with the "
+                            "launcher config it was trained with")
+        if sharded:
+            accelerator.load_state(str(ckpt / SHARDED_STATE))
+            state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        else:
+            state = load_checkpoint(ckpt, model=unwrapped(), optimizer=optimizer, scheduler=scheduler)
         log.info("%sresumed from %s at step %d", tag, ckpt, state.step)
         if is_main and metrics_path.exists():  # drop lines logged after that checkpoint
             kept = [l for l in metrics_path.read_text().splitlines() if _logged_step(l) <= state.step]
@@ -623,7 +709,10 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     def save():
         if saved_at["step"] != state.step:  # one checkpoint per step (SIGTERM right after a scheduled save)
             path = None
-            if is_main:
+            if sharded:
+                path = save_sharded_checkpoint(out_dir, accelerator=accelerator, module=module, model=unwrapped(),
+                                               tokenizer=tokenizer, cfg=cfg, state=state, keep_last=int(tc.keep_last))
+            elif is_main:
                 path = save_checkpoint(out_dir, model=unwrapped(), tokenizer=tokenizer,
                                        cfg=cfg, state=state, optimizer=optimizer, scheduler=scheduler,
                                        keep_last=int(tc.keep_last))
@@ -696,10 +785,11 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                 if tc.get("max_grad_norm") is not None:
                     grad_norm = (accelerator.clip_grad_norm_(module.parameters(), float(tc.max_grad_norm)) if not solo
                                  else torch.nn.utils.clip_grad_norm_(params, float(tc.max_grad_norm)))
-                else:
+                elif not sharded:
                     grad_norm = torch.linalg.vector_norm(torch.stack(
                         [p.grad.detach().norm() for p in params if p.grad is not None]))
-                finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                if grad_norm is not None:  # (DeepSpeed clips inside its engine and reports no norm)
+                    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
             if finite:
                 optimizer.step()
                 scheduler.step()
@@ -755,7 +845,10 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
                 progress.update(state.step, val, validation=True)
             if int(tc.save_every) > 0 and state.step % int(tc.save_every) == 0 and state.step < int(tc.max_steps):
                 last_ckpt = save()
-            if stop["signal"] is not None:
+            stopping = stop["signal"] is not None
+            if world > 1:  # every process stops at the same step (a sharded checkpoint needs them all)
+                stopping = bool(reduce_sum(torch.tensor(float(stopping), device=device)) > 0)
+            if stopping:
                 last_ckpt = save()
                 log.warning("%sSIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
                             tag, last_ckpt, state.step)

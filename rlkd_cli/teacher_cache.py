@@ -364,7 +364,7 @@ def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     models.check_vocab(model, tokenizer, role="teacher")
     model.requires_grad_(False).eval().to(device)
     teacher = chunking.LiveTeacher(model, vocab, split_head=bool(cfg.trainer.get("split_head", True)))
-    chunk = chunking.resolve_chunk_size(cfg.trainer.get("chunk_size", "auto"), vocab)
+    chunk = chunking.resolve_chunk_size(cfg.trainer.get("chunk_size", "auto"), vocab, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     splits = {name: data_mod.build_split(cfg.dataset, tokenizer, name,
                                          limit=cfg.trainer.get("eval_examples") if name == "validation" else None)
