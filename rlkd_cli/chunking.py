@@ -177,7 +177,6 @@ def response_index(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torc
     Position ``(b, t)`` predicts ``labels[b, t+1]``; it counts when that label is not ``ignore_index``.
     Indices are in row-major order (example by example, left to right).
     """
-    B, T = labels.shape
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != ignore_index
     idx = keep.reshape(-1).nonzero().squeeze(-1)
@@ -196,7 +195,6 @@ class StudentRows:
     rows: torch.Tensor
     head: LMHead | None
     vocab: int
-
 
 
 @dataclass

@@ -143,3 +143,37 @@ def test_cached_teacher_rows_give_the_same_loss_as_dense_when_k_covers_the_vocab
     b = chunking.objective_over_chunks(objective, chunking.StudentRows(rows, head, VOCAB), cached, targets,
                                        chunk_size=7)
     torch.testing.assert_close(a.total, b.total, rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_chunk_size():
+    assert chunking.resolve_chunk_size("auto", 32000, "cuda") == 1048
+    assert chunking.resolve_chunk_size("auto", 32000, torch.device("cpu")) == 131
+    assert chunking.resolve_chunk_size("auto", 10**7, "cpu") == 16  # a floor for huge vocabularies
+    assert chunking.resolve_chunk_size(300, 32000, "cpu") == 300
+
+
+def test_engine_trains_the_same_whatever_the_chunking(tmp_path):
+    """Chunk size and head splitting change how the loss is computed, not what is trained."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import QUICK, compose
+    from rlkd_cli import engine
+
+    over = QUICK + ["loss=kl+rank", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.log_every=1",
+                    "trainer.save_every=0", "trainer.eval_examples=8"]
+    runs = {name: engine.train(compose("distill", over + extra), tmp_path / name, mode="distill")
+            for name, extra in {"default": [], "chunk7": ["trainer.chunk_size=7"],
+                                "full_logits": ["trainer.split_head=false"]}.items()}
+    ref = load_file(str(tmp_path / "default" / "checkpoints" / "step-000003" / "model.safetensors"))
+    ref_losses = [json.loads(l)["loss"] for l in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(l)["split"] == "train"]
+    for name in ("chunk7", "full_logits"):
+        got = load_file(str(tmp_path / name / "checkpoints" / "step-000003" / "model.safetensors"))
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+        losses = [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(l)["split"] == "train"]
+        assert losses == pytest.approx(ref_losses, rel=1e-5), name
+        assert runs[name]["cr@1"] == pytest.approx(runs["default"]["cr@1"], abs=1e-6)

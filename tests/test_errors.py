@@ -91,6 +91,21 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     # a run dir whose checkpoint was written with trainer.lr=3e-3 (for the changed-config case)
     out["changed"] = root / "changed-run"
     shutil.copytree(checkpoint.parent.parent / "checkpoints", out["changed"] / "checkpoints")
+
+    # a small teacher cache (K=3) of the QUICK data, and a copy a kill left unfinished
+    from rlkd_cli import teacher_cache
+
+    out["small_cache"] = root / "small-cache"
+    teacher_cache.build(compose("cache-teacher", QUICK + ["cache.top_k=3", "metrics.ks=[1,2,3]", "loss=kl",
+                                                           "cache.shard_examples=256",
+                                                           f"cache.out={out['small_cache']}"]), root / "cache-run")
+    out["incomplete_cache"] = root / "incomplete-cache"
+    shutil.copytree(out["small_cache"], out["incomplete_cache"])
+    meta = json.loads((out["incomplete_cache"] / "cache.json").read_text())
+    meta["status"] = "incomplete"
+    meta["splits"]["train"]["shards_done"] = [0]
+    meta["splits"]["validation"]["shards_done"] = []
+    (out["incomplete_cache"] / "cache.json").write_text(json.dumps(meta))
     return out
 
 
@@ -180,6 +195,18 @@ CASES = [
     # the file system
     ("output-unwritable", "distill", ["hydra.run.dir={unwritable}"], "check the path and its permissions"),
     ("disk-full", "distill", ["trainer.max_steps=2", "trainer.eval_every=0"], "the disk is full"),
+    # scale-out: chunking, the teacher cache, several processes
+    ("chunk-size-zero", "distill", ["trainer.chunk_size=0"], "trainer.chunk_size must be auto or an integer >= 1"),
+    ("cache-missing", "distill", ["teacher.cache=/nonexistent/cache"], "teacher.cache '/nonexistent/cache' is not a folder"),
+    ("cache-not-a-cache", "distill", ["teacher.cache={not_ckpt}"], "is not a teacher cache (no cache.json)"),
+    ("cache-incomplete", "distill", ["teacher.cache={incomplete_cache}"], "is incomplete (1/4 shards)"),
+    ("cache-k-too-small", "distill", ["teacher.cache={small_cache}"], "has k=5 but teacher cache"),
+    ("cache-other-data", "distill", ["teacher.cache={small_cache}", "loss=kl", "metrics.ks=[1,2,3]",
+                                     "dataset.num_train=500"], "was built from another 'train' split"),
+    ("cache-top-k-zero", "cache-teacher", ["cache.top_k=0"], "cache.top_k must be an integer >= 1"),
+    ("cache-dtype-unknown", "cache-teacher", ["cache.dtype=int8"], "cache.dtype must be one of float32, bfloat16, float16"),
+    ("cache-k-below-rank-k", "cache-teacher", ["cache.top_k=3"], "ranks the top-5 but cache.top_k=3"),
+    ("multiprocess-no-store", "distill", [], "has no torchrun store to agree on a run dir"),
 ]
 
 
@@ -194,11 +221,16 @@ def test_bad_input_gets_one_clear_line(case_id, command, args, expected, files, 
     args = _expand(args, files, tmp_path)
     if case_id == "disk-full":
         _enospc(monkeypatch)
-    if command == "distill":
+    if command in ("distill", "cache-teacher"):
         base = QUICK_NO_DATA if any(a.startswith("dataset=") for a in args) else QUICK
     else:
         base = TEACHER_ONLY
-    if not any(a.startswith("hydra.run.dir") for a in args):
+    if case_id == "multiprocess-no-store":  # as if launched as 1 of 2 processes by a launcher without a store
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+        monkeypatch.chdir(tmp_path)
+    elif not any(a.startswith("hydra.run.dir") for a in args):
         args = [*args, f"hydra.run.dir={tmp_path}/run"]
     res = run_cli([command, *base, *args])
     text = res.output.strip()
