@@ -48,7 +48,7 @@ QUICK = {
     "teacher": {"hidden": 768, "layers": 4, "heads": 12, "intermediate": 2048},
     "student": {"hidden": 384, "layers": 2, "heads": 6, "intermediate": 1024},
     "batch": 8, "seq": 256, "prompt": 96,
-    "repeats": 5, "warmup": 2, "trl_rounds": 2, "trl_steps": 4,
+    "repeats": 9, "warmup": 2, "trl_rounds": 2, "trl_steps": 4,
 }
 FULL = {
     "vocab": 32000,

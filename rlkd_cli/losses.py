@@ -319,14 +319,14 @@ class _ForwardKLRows(torch.autograd.Function):
         ps, lse_s = _softmax_and_lse(zs)
         pt, lse_t = _softmax_and_lse(zt)
         # sum_v pt (zt - lse_t - zs + lse_s), using sum_v pt = 1
-        values = _row_dot(pt, torch.sub(zt, zs)) - (lse_t - lse_s)
-        ctx.save_for_backward(ps, pt)
+        values = (_row_dot(pt, zt) - _row_dot(pt, zs)) - (lse_t - lse_s)
+        ctx.save_for_backward(ps.sub_(pt))  # the gradient for a unit upstream gradient; pt is freed
         return values
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ps, pt = ctx.saved_tensors
-        return torch.sub(ps, pt).mul_(grad.unsqueeze(-1)), None
+        diff, = ctx.saved_tensors
+        return diff * grad.unsqueeze(-1), None
 
 
 class _CrossEntropyRows(torch.autograd.Function):
@@ -341,8 +341,8 @@ class _CrossEntropyRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         p, y = ctx.saved_tensors
-        g = p.scatter_add(-1, y.unsqueeze(-1), torch.full_like(grad.unsqueeze(-1), -1.0))
-        return g.mul_(grad.unsqueeze(-1)), None
+        g = p * grad.unsqueeze(-1)
+        return g.scatter_add_(-1, y.unsqueeze(-1), -grad.unsqueeze(-1).to(g.dtype)), None
 
 
 class _LumpedForwardKLRows(torch.autograd.Function):
