@@ -256,7 +256,8 @@ class _Loop:
     Per chunk the head's linear output ``z`` (``[n, V]``) is a leaf: the loss's gradient ``g_z`` is
     taken by autograd (through the head's post-processing and every loss term), and the linear
     layer's backward is done by hand: ``g_h = g_z W`` into the chunk's rows and ``g_W += g_z^T h``
-    accumulated in place, so no per-chunk ``[V, H]`` gradient is allocated.
+    accumulated into one buffer (in place with float32 matmuls; under bf16 autocast through one
+    bf16 ``[V, H]`` temporary per chunk, which the CUDA caching allocator reuses).
     """
 
     def __init__(self, objective: Objective, student: StudentRows, teacher, targets: torch.Tensor, chunk: int,
@@ -280,9 +281,21 @@ class _Loop:
                 metrics_mod.add_sums(self.align, metrics_mod.alignment_sums_by_modes(s, t, self.align_ks))
 
     def run(self, grad: bool):
-        """``(total, grad_rows, grad_params)``; the gradients are ``None`` without ``grad``."""
+        """``(total, grad_rows, grad_params)``; the gradients are ``None`` without ``grad``.
+
+        The head's matmuls run in the autocast dtype when autocast is on (bf16 on CUDA), with the
+        weight cast once per call; the losses always run with autocast off (in float32 inside).
+        """
         rows, head, vocab = self.student.rows, self.student.head, self.student.vocab
         params = head.params if head is not None else []
+        device_type = rows.device.type
+        dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        w = b = None
+        if head is not None:  # the head's weights in the matmul dtype, cast once (not once per chunk)
+            w = head.weight.detach()[:vocab]
+            b = None if head.bias is None else head.bias.detach()[:vocab]
+            if dt is not None:
+                w, b = w.to(dt), (None if b is None else b.to(dt))
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if grad and rows.requires_grad else None
         if grad_rows is not None and head is None and vocab < rows.shape[-1]:
@@ -292,49 +305,55 @@ class _Loop:
         grad = grad and (grad_rows is not None or any(want))
         for sl in chunk_slices(int(rows.shape[0]), self.chunk):
             r = rows[sl].detach()
-            with torch.no_grad():
-                z = head.linear(r, vocab) if head is not None else r[:, :vocab]
-            with torch.set_grad_enabled(grad):
+            if dt is not None:
+                r = r.to(dt)
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                z = F.linear(r, w, b) if head is not None else r[:, :vocab]
+                t = self.teacher[sl] if self.teacher is not None else None  # (teacher rows cast as they are)
+            with torch.set_grad_enabled(grad), torch.autocast(device_type, enabled=False):
                 z = z.requires_grad_(grad)
                 s = head.post(z) if head is not None else z
-                t = self.teacher[sl] if self.teacher is not None else None
                 y = self.targets[sl]
                 value, terms = self.objective(s, t, y, None, reduction="sum")
-            if grad:
-                g_z, = torch.autograd.grad(value, z)
-                if head is None:
-                    grad_rows[sl, :vocab] = g_z
-                else:
-                    _linear_backward(g_z, r, head, vocab, grad_rows, sl, grad_params, want)
-            total += value.detach().float()
-            for key, v in terms.items():
-                self.terms[key] = self.terms[key] + v.float() if key in self.terms else v.float()
-            self._extras(s, t, y)
+                if grad:
+                    g_z, = torch.autograd.grad(value, z)
+                    if head is None:
+                        grad_rows[sl, :vocab] = g_z
+                    else:
+                        _linear_backward(g_z, r, w, vocab, grad_rows, sl, grad_params, want, params)
+                total += value.detach().float()
+                for key, v in terms.items():
+                    self.terms[key] = self.terms[key] + v.float() if key in self.terms else v.float()
+                self._extras(s, t, y)
+        for i, p in enumerate(params):  # no scored position at all: zero gradients (DDP waits for every one)
+            if want[i] and grad_params[i] is None:
+                grad_params[i] = torch.zeros_like(p)
         return total, grad_rows, grad_params
 
 
-def _linear_backward(g_z: torch.Tensor, r: torch.Tensor, head: LMHead, vocab: int, grad_rows: torch.Tensor | None,
-                     sl: slice, grad_params: list[torch.Tensor | None], want: list[bool]) -> None:
-    """Backward of ``z = r W[:vocab]^T + b[:vocab]``: the rows' gradient into ``grad_rows[sl]``, W's and b's
-    accumulated in ``grad_params`` (allocated on the first call, in the parameters' dtype)."""
+def _linear_backward(g_z: torch.Tensor, r: torch.Tensor, w: torch.Tensor, vocab: int,
+                     grad_rows: torch.Tensor | None, sl: slice, grad_params: list[torch.Tensor | None],
+                     want: list[bool], params: list[torch.Tensor]) -> None:
+    """Backward of ``z = r w^T + b`` (``w``: the head's first ``vocab`` rows, in the matmul dtype): the rows'
+    gradient into ``grad_rows[sl]``; W's and b's accumulated in ``grad_params`` (allocated by the first
+    chunk, in the parameters' dtype; in place when dtypes agree, as on the CPU in float32)."""
     dt = g_z.dtype
     if grad_rows is not None:
-        grad_rows[sl] = torch.mm(g_z, head.weight.detach()[:vocab].to(dt))
-    for i, p in enumerate(head.params):
+        grad_rows[sl] = torch.mm(g_z, w.to(dt))
+    for i, p in enumerate(params):
         if not want[i]:
             continue
-        if grad_params[i] is None:
+        first = grad_params[i] is None
+        if first:
             grad_params[i] = torch.zeros_like(p) if vocab < p.shape[0] else torch.empty_like(p)
             first = vocab >= p.shape[0]
-        else:
-            first = False
         acc = grad_params[i][:vocab]
         if i == 1:  # the bias
             part = g_z.sum(0).to(acc.dtype)
             acc.copy_(part) if first else acc.add_(part)
         elif acc.dtype == dt == r.dtype:
             torch.mm(g_z.t(), r, out=acc) if first else acc.addmm_(g_z.t(), r)
-        else:
+        else:  # bf16 matmul, float32 accumulator: one [V, H] temporary in the matmul dtype
             part = torch.mm(g_z.t(), r.to(dt))
             acc.copy_(part) if first else acc.add_(part)
 

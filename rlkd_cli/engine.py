@@ -337,7 +337,7 @@ def clean_checkpoint_leftovers(ckpt_root: Path) -> list[str]:
     return removed
 
 
-def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
+def find_resume_checkpoint(out_dir: Path, resume: str, clean: bool = True) -> Path | None:
     """The checkpoint to resume from.
 
     ``auto``: the folder ``checkpoints/latest`` names if it is complete, else (a pointer lost or a
@@ -347,7 +347,7 @@ def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
     """
     if resume == "auto":
         root = out_dir / "checkpoints"
-        removed = clean_checkpoint_leftovers(root)
+        removed = clean_checkpoint_leftovers(root) if clean else []
         if removed:
             log.warning("trainer.resume=auto: removed leftovers of an interrupted save: %s", ", ".join(removed))
         candidates: list[Path] = []
@@ -493,16 +493,21 @@ def evaluate(models: Models, batches: list[dict[str, torch.Tensor]], objective: 
              world: int = 1, rank: int = 0) -> dict[str, float]:
     """Mean loss terms, student perplexity and CR@k/OR@k (with a teacher) over response positions.
 
-    With several processes each takes every ``world``-th batch and the sums are added up.
+    With several processes each takes every ``world``-th batch and the sums are added up; every
+    process runs the same number of forwards (DDP broadcasts buffers and FSDP gathers parameters in
+    each one), the short ones repeating their first batch and dropping its sums.
     """
     models.student.eval()
     sums: dict[str, float] = {}
-    for batch in batches[rank::world]:
-        batch = {k: v.to(models.device) for k, v in batch.items()}
+    mine = batches[rank::world]
+    for i in range(math.ceil(len(batches) / world)):
+        batch = {k: v.to(models.device) for k, v in (mine[i] if i < len(mine) else batches[0]).items()}
         out = batch_objective(models, objective, batch, split="validation",
                               align_ks=ks if models.teacher is not None else None, by_modes=True, nll=True)
-        metrics_mod.add_sums(sums, {"loss": float(out.total.detach()), "nll": out.nll or 0.0, "positions": out.count,
-                                    **{f"loss/{k}": v for k, v in out.terms.items()}, **out.align})
+        if i < len(mine):
+            metrics_mod.add_sums(sums, {"loss": float(out.total.detach()), "nll": out.nll or 0.0,
+                                        "positions": out.count, **{f"loss/{k}": v for k, v in out.terms.items()},
+                                        **out.align})
     models.student.train()
     sums = _sum_over_processes(sums, world)
     count = max(float(sums.pop("positions", 0.0)), 1.0)
@@ -622,6 +627,19 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     student.to(device)
     head = chunking.split_lm(student, vocab) if split_heads else None
     module = chunking.Trunk(student) if head is not None else student
+    micro = int(tc.batch_size) // int(tc.grad_accum)
+    require(micro % world == 0, f"trainer.batch_size/grad_accum ({micro}) must be divisible by the number of "
+                                f"processes ({world})")
+    micro //= world
+    if sharded and accelerator.distributed_type.value == "DEEPSPEED":
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        require(ds.get("gradient_accumulation_steps", 1) in (1, "1", "auto", None),
+                "rlkd steps the optimizer once per trainer.batch_size: set gradient_accumulation_steps: 1 in the "
+                "DeepSpeed config (and keep trainer.grad_accum=1)")
+        ds["gradient_accumulation_steps"] = 1
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # accelerate takes it from a dataloader
+            ds["train_micro_batch_size_per_gpu"] = micro
+        ds.pop("train_batch_size", None)
     if not solo:
         module, optimizer = accelerator.prepare(module, optimizer)
     if sharded:  # accelerate.save_state / load_state then carry the schedule too
@@ -633,10 +651,6 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
     log.info("%sloss over response positions in chunks of %d; LM heads %s", tag, chunk,
              "applied per chunk" if head is not None else "through the models' full logits")
 
-    micro = int(tc.batch_size) // int(tc.grad_accum)
-    require(micro % world == 0, f"trainer.batch_size/grad_accum ({micro}) must be divisible by the number of "
-                                f"processes ({world})")
-    micro //= world
     stream = BatchStream(len(train_split.dataset), micro, int(cfg.seed), rank, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -659,7 +673,11 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
 
     metrics_logger = MetricsLogger.from_config(cfg.get("logger"), out_dir, enabled=is_main)
     resume = tc.get("resume")
-    ckpt = find_resume_checkpoint(out_dir, str(resume)) if resume else None
+    if resume and world > 1:  # process 0 tidies a killed save's leftovers; the others then look
+        if is_main:
+            clean_checkpoint_leftovers(out_dir / "checkpoints")
+        accelerator.wait_for_everyone()
+    ckpt = find_resume_checkpoint(out_dir, str(resume), clean=world == 1) if resume else None
     if resume and ckpt is None:
         log.info("%strainer.resume=auto: no checkpoint in %s yet, starting fresh", tag, out_dir)
     if ckpt is not None:

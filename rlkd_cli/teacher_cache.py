@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ log = logging.getLogger("rlkd.cache")
 
 FORMAT = 1
 META = "cache.json"
+OPEN_SHARDS = 256  # shard files kept open (memory-mapped) at once while distilling
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPLITS = ("train", "validation", "test")
 
@@ -121,8 +123,7 @@ class TeacherCache:
         self.k = int(meta["top_k"])
         self.temperatures = tuple(float(t) for t in meta["temperatures"])
         self.shard_examples = int(meta["shard_examples"])
-        self._handles: dict[tuple[str, int], Any] = {}
-        self._offsets: dict[tuple[str, int], torch.Tensor] = {}
+        self._handles: OrderedDict[tuple[str, int], tuple[Any, torch.Tensor]] = OrderedDict()
 
     # -- opening and checks ------------------------------------------------------------------
 
@@ -158,9 +159,10 @@ class TeacherCache:
     def check_objective(self, objective: Objective, ks: list[int]) -> None:
         """The cache must hold enough logits (K) and every temperature the loss reads the teacher at."""
         for key, fn, _, options in objective.active_terms:
-            if fn is ranking_loss and int(options.get("k", 5)) > self.k:
-                raise RlkdError(f"loss term {key!r} has k={options.get('k', 5)} but teacher cache {self.root} keeps "
-                                f"K={self.k} logits per position; lower the k or rebuild with cache.top_k>={options['k']}")
+            k = int(options.get("k", 5))
+            if fn is ranking_loss and k > self.k:
+                raise RlkdError(f"loss term {key!r} has k={k} but teacher cache {self.root} keeps "
+                                f"K={self.k} logits per position; lower the k or rebuild with cache.top_k>={k}")
         for t in loss_temperatures(objective):
             if not any(abs(t - c) <= 1e-6 * max(1.0, abs(c)) for c in self.temperatures):
                 raise RlkdError(f"the loss reads the teacher at temperature {t:g} but teacher cache {self.root} has "
@@ -188,19 +190,24 @@ class TeacherCache:
     # -- reading rows -------------------------------------------------------------------------
 
     def _shard(self, split: str, index: int):
+        """The open (memory-mapped) shard and its offsets; at most :data:`OPEN_SHARDS` stay open."""
         key = (split, index)
-        if key not in self._handles:
-            from safetensors import safe_open
+        if key in self._handles:
+            self._handles.move_to_end(key)
+            return self._handles[key]
+        from safetensors import safe_open
 
-            path = self.root / split / shard_name(index)
-            try:
-                handle = safe_open(str(path), framework="pt")
-                self._offsets[key] = handle.get_tensor("offsets")
-            except Exception as e:  # a missing or damaged shard file
-                raise RlkdError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache (rlkd "
-                                "cache-teacher) or restore the file") from e
-            self._handles[key] = handle
-        return self._handles[key], self._offsets[key]
+        path = self.root / split / shard_name(index)
+        try:
+            handle = safe_open(str(path), framework="pt")
+            offsets = handle.get_tensor("offsets")
+        except Exception as e:  # a missing or damaged shard file
+            raise RlkdError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache (rlkd "
+                            "cache-teacher) or restore the file") from e
+        self._handles[key] = (handle, offsets)
+        if len(self._handles) > OPEN_SHARDS:
+            self._handles.popitem(last=False)
+        return handle, offsets
 
     def example_rows(self, split: str, examples: list[int]) -> TopKLogits:
         """The cached rows of ``examples`` (indices into the split), concatenated in the given order."""
@@ -383,6 +390,7 @@ def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with file_lock(target / ".lock"):  # one writer per cache folder
         for leftover in target.glob("*/.tmp-shard-*"):  # writes killed before their rename
             leftover.unlink(missing_ok=True)
+        old: dict[str, Any] = {}
         if meta_path.exists():
             try:
                 old = json.loads(meta_path.read_text())
@@ -390,17 +398,29 @@ def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 old = {}
             changed = [k for k, v in identity.items() if old.get(k) != v] + [
                 f"splits.{n}" for n, v in split_ids.items()
-                if old.get("splits", {}).get(n, {}).get("fingerprint") != v["fingerprint"]]
+                if n in old.get("splits", {}) and old["splits"][n].get("fingerprint") != v["fingerprint"]]
             if changed:
                 raise RlkdError(f"{target} holds a teacher cache built with other settings ({', '.join(changed[:5])} "
                                 "differ); choose another cache.out, or delete that folder to rebuild it")
-            log.info("resuming the teacher cache in %s", target)
+        per = opts["shard_examples"]
+        missing = [(n, i) for n, v in split_ids.items() for i in range(-(-v["num_examples"] // per))
+                   if not _shard_complete(target / n / shard_name(i), min(per, v["num_examples"] - i * per))]
+        new_entries = {n: {**v, "num_shards": -(-v["num_examples"] // per),
+                           "shards_done": [i for i in range(-(-v["num_examples"] // per)) if (n, i) not in missing]}
+                       for n, v in split_ids.items()}
+        # splits cached by an earlier run and not asked for now are kept as they are
         meta = {**identity, "status": "incomplete", "teacher": models.describe(cfg.teacher),
                 "teacher_path": str(teacher_path), "tokenizer_name": getattr(tokenizer, "name_or_path", None),
                 "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                "splits": {n: {**v, "num_shards": -(-v["num_examples"] // opts["shard_examples"]), "shards_done": []}
-                           for n, v in split_ids.items()}}
-        atomic_write_json(meta_path, meta)
+                "splits": {**old.get("splits", {}), **new_entries}}
+        if old.get("status") == "complete" and not missing:
+            log.info("the teacher cache in %s is already complete for %s; nothing to do", target,
+                     ", ".join(split_ids))
+            meta["status"] = "complete"
+        elif old:
+            log.info("resuming the teacher cache in %s (%d shard(s) to write)", target, len(missing))
+        if meta["status"] != "complete" or meta != old:
+            atomic_write_json(meta_path, meta)
         log.info("caching the top-%d logits of teacher %s over %s (%s) into %s", identity["top_k"], meta["teacher"],
                  ", ".join(f"{n}: {len(s.dataset)} examples" for n, s in splits.items()),
                  ", ".join(f"T={t:g}" for t in temperatures), target)
@@ -416,9 +436,11 @@ def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             entry = cache_split(teacher, split.dataset, out=target, split=name, opts=opts, temperatures=temperatures,
                                 chunk=chunk, pad_id=pad_id, device=device, precision=precision, on_shard=on_shard)
             meta["splits"][name].update(entry)
+            if meta["status"] != "complete":
+                atomic_write_json(meta_path, meta)
+        if meta["status"] != "complete":
+            meta["status"] = "complete"
             atomic_write_json(meta_path, meta)
-        meta["status"] = "complete"
-        atomic_write_json(meta_path, meta)
     size = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
     summary = {"command": "cache-teacher", "status": "completed", "cache": str(target), "top_k": identity["top_k"],
                "temperatures": list(temperatures), "dtype": opts["dtype"], "device": device_name,

@@ -188,3 +188,40 @@ def test_cached_divergences_against_the_live_teacher():
                                        get_loss(name)(s, t, temperature=temperature), rtol=1e-4, atol=1e-6)
     # the ranking loss reads only the top-k of both models: exact whenever the cache holds them
     assert float(get_loss("rank")(s, cached)) == pytest.approx(float(get_loss("rank")(s, t)), abs=1e-6)
+
+
+def test_rerun_of_a_complete_cache_changes_nothing_and_keeps_other_splits(tmp_path):
+    root, _ = _build(tmp_path)
+    meta_before = json.loads((root / "cache.json").read_text())
+    _, summary = _build(tmp_path, ["cache.splits=[train]"])  # a narrower rerun
+    assert summary["shards_written"] == 0 and summary["shards_reused"] == 3
+    meta = json.loads((root / "cache.json").read_text())
+    assert meta["status"] == "complete" and set(meta["splits"]) == {"train", "validation"}
+    assert meta["splits"] == meta_before["splits"]
+    assert teacher_cache.TeacherCache.open(root).meta["splits"]["validation"]["num_shards"] == 1
+
+
+def test_low_precision_cache_is_renormalised():
+    """bfloat16 logits are rounded; with the tail mass the cached probabilities still sum to one."""
+    torch.manual_seed(0)
+    t = torch.randn(50, 300) * 6 + 20  # large logits: bf16 rounding of ~0.06
+    exact = TopKLogits.from_logits(t, 16)
+    rounded = TopKLogits(exact.ids, exact.logits.to(torch.bfloat16), exact.log_normalizer, exact.tail_log_mass)
+    for cached in (exact, rounded):
+        lp, tail = cached.log_probs()
+        total = lp.exp().sum(-1) + tail.exp()
+        torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=2e-6)
+    s = torch.randn(50, 300, requires_grad=True)
+    a = get_loss("kl")(s, rounded, reduction="sum")
+    b = _general_lumped_kl(s, rounded)
+    ga, = torch.autograd.grad(a, s)
+    gb, = torch.autograd.grad(b, s)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)  # the fused gradient is the value's gradient
+
+
+def _general_lumped_kl(s, cached):
+    """The forward KL through the general (unfused) path of apply_divergence."""
+    from rlkd_cli import losses as L
+
+    return L.apply_divergence(lambda ls, lt: L._kl_rows(lt, ls), s, cached, None, reduction="sum")
