@@ -463,7 +463,7 @@ def main() -> None:
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out)
     med = inproc["median_s"]
-    print(f"\nmedian step (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in med.items()))
+    print("\nmedian step (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in med.items()))
     if trl_part:
         print("vs TRL GKDTrainer: " + ", ".join(
             f"{s} {trl_part['median_step_s'][s] * 1e3:.1f} ms/step, {trl_part['tokens_per_s'][s]:.0f} tok/s, "

@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rlkd_cli.losses import Objective, TopKLogits, cross_entropy
+from rlkd_cli.losses import Objective, cross_entropy
 
 log = logging.getLogger("rlkd.chunking")
 
