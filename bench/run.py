@@ -313,7 +313,10 @@ def worker_trl(spec: dict, device: str) -> dict:
     import torch
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    try:  # TRL >= 1.0 keeps GKD under trl.experimental
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer
 
     _preload()
     memory = Memory(device)

@@ -2,9 +2,11 @@
 
 Read :func:`train` top to bottom: set up (device, tokenizer, data, models, objective, optimizer),
 maybe resume, then ``for step``: fetch the step's micro-batches, run the student (and, when
-distilling, the teacher under ``no_grad``), compute the configured loss mix on response positions,
-step the optimizer, log, validate, checkpoint. ``sft`` is the same loop with a cross-entropy-only
-objective and no teacher.
+distilling, the teacher under ``no_grad``, or read its rows from a teacher cache), compute the
+configured loss mix on response positions in chunks (:func:`batch_objective`, see
+``rlkd_cli/chunking.py``), step the optimizer, log, validate, checkpoint. ``sft`` is the same loop
+with a cross-entropy-only objective and no teacher. Under a multi-process launch (torchrun /
+accelerate launch) the same loop runs DDP (or FSDP / DeepSpeed): see docs/scale.md.
 
 Losses are means over the response positions of the whole optimizer step: each micro-batch's term
 sums are divided by the step's total count of positions (summed over processes), so gradient
