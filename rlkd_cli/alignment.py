@@ -97,11 +97,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
 
     tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
-    teacher_path = models.ensure_teacher(cfg, tokenizer)
-    teacher = models.load_pretrained(teacher_path, role="teacher", dtype=dtype,
-                                     trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
-    models.check_vocab(teacher, tokenizer, role="teacher")
-    teacher.to(device).eval()
+    teacher, teacher_path = models.load_teacher(cfg, tokenizer, precision=precision, device=device)
     split = data_mod.build_split(cfg.dataset, tokenizer, str(cfg.split), limit=cfg.get("limit"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ds = split.dataset

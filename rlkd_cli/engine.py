@@ -590,14 +590,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike, *, mode: str, tokenizer=N
         teacher.check_objective(objective, ks)
         teacher_desc = teacher.describe()
     elif mode == "distill":
-        teacher_path = models.ensure_teacher(cfg, tokenizer)
-        teacher_model = models.load_pretrained(teacher_path, role="teacher",
-                                               dtype=torch.bfloat16 if precision == "bf16" else None,
-                                               trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
-        models.check_vocab(teacher_model, tokenizer, role="teacher")
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        teacher_model.to(device)
+        teacher_model, _ = models.load_teacher(cfg, tokenizer, precision=precision, device=device)
         teacher = chunking.LiveTeacher(teacher_model, vocab, split_head=split_heads)
         teacher_desc = models.describe(cfg.teacher)
 

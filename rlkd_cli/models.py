@@ -229,6 +229,17 @@ def ensure_teacher(cfg: DictConfig, tokenizer) -> str:
     return str(path)
 
 
+def load_teacher(cfg: DictConfig, tokenizer, *, precision: str, device) -> tuple[torch.nn.Module, str]:
+    """The teacher ready to teach: trained first if it is the tiny one, loaded (bf16 for ``precision='bf16'``),
+    checked against the tokenizer, frozen, in eval mode, on ``device``. Returns ``(model, path)``."""
+    path = ensure_teacher(cfg, tokenizer)
+    model = load_pretrained(path, role="teacher", dtype=torch.bfloat16 if precision == "bf16" else None,
+                            trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
+    check_vocab(model, tokenizer, role="teacher")
+    model.requires_grad_(False).eval().to(device)
+    return model, path
+
+
 def teacher_training_config(cfg: DictConfig) -> DictConfig:
     """The sft config that trains the tiny teacher: the run's dataset, the teacher's train_if_missing."""
     from rlkd_cli.config import load_group_option

@@ -365,11 +365,7 @@ def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     vocab = len(tokenizer)
     if opts["top_k"] > vocab:
         log.warning("cache.top_k=%d exceeds the vocabulary (%d tokens): every logit is kept", opts["top_k"], vocab)
-    teacher_path = models.ensure_teacher(cfg, tokenizer)
-    model = models.load_pretrained(teacher_path, role="teacher", dtype=torch.bfloat16 if precision == "bf16" else None,
-                                   trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
-    models.check_vocab(model, tokenizer, role="teacher")
-    model.requires_grad_(False).eval().to(device)
+    model, teacher_path = models.load_teacher(cfg, tokenizer, precision=precision, device=device)
     teacher = chunking.LiveTeacher(model, vocab, split_head=bool(cfg.trainer.get("split_head", True)))
     chunk = chunking.resolve_chunk_size(cfg.trainer.get("chunk_size", "auto"), vocab, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
