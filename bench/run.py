@@ -145,62 +145,51 @@ def sync(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# rlkd steps (the engine's code: batch_objective, backward, clip, AdamW)
+# rlkd steps: the engine's train_step (forward, backward, clip, AdamW)
 # ----------------------------------------------------------------------------------------------
 
 class RlkdRunner:
+    """The engine's own step (``rlkd_cli.engine.train_step``) on the bench models, with any objective and teacher."""
+
     def __init__(self, spec: dict, device: str, *, teacher=None, student=None):
         import torch
 
-        from rlkd_cli import chunking
-
-        from rlkd_cli.engine import tune_cpu_allocator
+        from rlkd_cli.engine import Trainer
+        from rlkd_cli.runtime import Runtime
+        from rlkd_cli.teachers.live import LiveTeacher
 
         self.spec, self.device = spec, device
-        self.dev = torch.device(device)
-        if device == "cpu":  # what engine.train does on the CPU
-            torch.set_flush_denormal(True)
-            tune_cpu_allocator()
-        self.precision = "bf16" if device == "cuda" else "fp32"
+        self.runtime = Runtime.create({"device": device})  # what a command does: CPU allocator, denormals, ...
+        self.dev = self.runtime.device
         self.teacher = teacher if teacher is not None else make_model(spec["teacher"], spec["vocab"], 1)
         self.teacher.requires_grad_(False).eval().to(self.dev)
-        if self.precision == "bf16":
+        if self.runtime.precision == "bf16":
             self.teacher.to(torch.bfloat16)
         self.student = student if student is not None else make_model(spec["student"], spec["vocab"], 2)
-        self.student.to(self.dev).train()
-        self.live = chunking.LiveTeacher(self.teacher, spec["vocab"])
-        self.head = chunking.split_lm(self.student, spec["vocab"])
-        assert self.head is not None and self.live.head is not None
-        self.trunk = chunking.Trunk(self.student)
-        self.chunk = chunking.resolve_chunk_size("auto", spec["vocab"], self.dev)
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-5)
-
-    def models(self, teacher):
-        from rlkd_cli.engine import Models
-
-        return Models(student=self.trunk, head=self.head, teacher=teacher, vocab=self.spec["vocab"], chunk=self.chunk,
-                      device=self.dev, precision=self.precision)
+        self.live = LiveTeacher(self.teacher, spec["vocab"])
+        tc = {"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
+              "max_steps": 10**9, "max_grad_norm": 1.0, "split_head": True, "chunk_size": "auto"}
+        self.trainer = Trainer.create(self.runtime, self.student, objective=objective("kl"), teacher=self.live,
+                                      vocab=spec["vocab"], tc=tc, micro_batch=spec["batch"])
+        assert self.trainer.head is not None and self.live.head is not None
+        self.chunk = self.trainer.chunk
 
     def step(self, objective, batch: dict, teacher) -> None:
-        import torch
+        """One optimizer step of the engine (forward, backward, clip, AdamW) with this objective and teacher."""
+        import dataclasses
 
-        from rlkd_cli.engine import batch_objective
+        from rlkd_cli.engine import train_step
 
-        out = batch_objective(self.models(teacher), objective, batch, split="train")
-        (out.total / max(out.count, 1)).backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        train_step(dataclasses.replace(self.trainer, objective=objective, teacher=teacher), [batch])
 
     def teacher_forward(self, batch: dict) -> None:
         """What the teacher costs in a distillation step: its trunk, and its head at every response position."""
         import torch
 
-        from rlkd_cli import chunking
-        from rlkd_cli.engine import autocast
+        from rlkd_cli.engine import chunking
 
         idx, _ = chunking.response_index(batch["labels"])
-        with torch.no_grad(), autocast(self.dev, self.precision):
+        with torch.no_grad(), self.runtime.autocast():
             rows = self.live.rows(batch, idx)
             for sl in chunking.chunk_slices(len(rows), self.chunk):
                 rows[sl]
@@ -217,12 +206,12 @@ def build_cache(runner: RlkdRunner, examples: list[dict], folder: Path):
     """A real on-disk teacher cache of the bench examples (top-64, float32), opened as distill opens it."""
     import datasets
 
-    from rlkd_cli import teacher_cache as tc
+    from rlkd_cli.teachers import cache as tc
 
     ds = datasets.Dataset.from_list(examples)
     opts = {"shard_examples": 64, "batch_size": runner.spec["batch"], "top_k": 64, "dtype": "float32"}
     entry = tc.cache_split(runner.live, ds, out=folder, split="train", opts=opts, temperatures=(1.0,),
-                           chunk=runner.chunk, pad_id=0, device=runner.dev, precision=runner.precision)
+                           chunk=runner.chunk, pad_token_id=0, runtime=runner.runtime)
     meta = {"format": tc.FORMAT, "status": "complete", "top_k": 64, "temperatures": [1.0], "shard_examples": 64,
             "splits": {"train": entry}}
     (folder / tc.META).write_text(json.dumps(meta))
@@ -288,7 +277,7 @@ def _preload() -> None:
 
 def worker_rlkd(spec: dict, device: str) -> dict:
     _preload()
-    from rlkd_cli import chunking, engine, losses  # noqa: F401
+    from rlkd_cli import engine, losses  # noqa: F401
 
     memory = Memory(device)
     memory.reset()

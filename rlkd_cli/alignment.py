@@ -17,20 +17,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rlkd_cli import dataset as data_mod
 from rlkd_cli import metrics as metrics_mod
 from rlkd_cli import models
-from rlkd_cli.config import validate_ks
-from rlkd_cli.engine import choose_device_and_precision, resolve_tokenizer, shift_for_next_token
-from rlkd_cli.errors import RlkdError, require
+from rlkd_cli.data import dataset as data_mod
+from rlkd_cli.data import tokenizer as tok_mod
+from rlkd_cli.data.loader import eval_batches, pad_id
+from rlkd_cli.errors import require
 from rlkd_cli.io import atomic_write_json, ensure_writable_dir
 from rlkd_cli.losses import cross_entropy
+from rlkd_cli.metrics import shift_for_next_token
 
 log = logging.getLogger("rlkd.alignment")
-
-
-def _same_tokenizer(a, b) -> bool:
-    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
@@ -42,17 +39,11 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
 def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, torch.Tensor]], ks: list[int],
             device: str, dtype: torch.dtype | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Teacher perplexity and, per checkpoint, alignment metrics; teacher logits computed once per batch."""
-    from rlkd_cli import tokenizer as tok_mod
-
     vocab = len(tokenizer)
     students = []
     for path in checkpoints:
         model = models.load_pretrained(path, role="checkpoint", dtype=dtype)
-        if (Path(path) / "tokenizer_config.json").exists() or (Path(path) / "tokenizer.json").exists():
-            ck_tok = tok_mod.load_tokenizer(path)
-            if not _same_tokenizer(ck_tok, tokenizer):
-                raise RlkdError(f"checkpoint '{path}' has a different tokenizer from the teacher's "
-                                f"({len(ck_tok)} vs {len(tokenizer)} tokens); alignment needs a shared vocabulary")
+        tok_mod.check_model_tokenizer(path, tokenizer, role="checkpoint")
         models.check_vocab(model, tokenizer, role=f"checkpoint '{path}'")
         students.append(model.to(device).eval())
     teacher_nll, count = 0.0, 0.0
@@ -82,7 +73,10 @@ def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, 
     return teacher_row, rows
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: Path, *, runtime, tokenizer) -> dict[str, Any]:
+    """``rlkd measure-alignment``: measure ``cfg.checkpoints`` against the teacher; write ``alignment.json``."""
+    from rlkd_cli.teachers import live
+
     out_dir = ensure_writable_dir(out_dir)
     checkpoints = [str(c) for c in (cfg.get("checkpoints") or [])]
     require(len(checkpoints) > 0, "no checkpoints to measure; pass checkpoints=[PATH,...] "
@@ -90,24 +84,17 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for c in checkpoints:
         require(Path(c).expanduser().is_dir(), f"checkpoint '{c}' is not a folder; pass model folders written "
                 "by rlkd (checkpoints/step-*) or save_pretrained")
-    ks = validate_ks(cfg.metrics.ks)
-    device, precision = choose_device_and_precision(cfg.trainer)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    batch_size = int(cfg.get("batch_size", 32))
-    require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-
-    tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
-    teacher, teacher_path = models.load_teacher(cfg, tokenizer, precision=precision, device=device)
-    split = data_mod.build_split(cfg.dataset, tokenizer, str(cfg.split), limit=cfg.get("limit"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ds = split.dataset
-    batches = [data_mod.collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))], pad_id)
-               for s in range(0, len(ds), batch_size)]
+    ks = sorted(set(int(k) for k in cfg.metrics.ks))
+    dtype = torch.bfloat16 if runtime.precision == "bf16" else None
+    teacher, teacher_path = live.load(cfg, tokenizer, runtime)
+    split = data_mod.build_split(cfg.dataset, tokenizer, str(cfg.split), limit=cfg.get("limit"),
+                                 cache_dir=Path(str(cfg.cache_dir)).expanduser() / "datasets")
+    batches = eval_batches(split.dataset, batch_size=int(cfg.get("batch_size", 32)), pad_token_id=pad_id(tokenizer))
     log.info("measuring %d checkpoint(s) against teacher %s on %s/%s (%d examples)", len(checkpoints),
-             teacher_path, cfg.dataset.get("name"), cfg.split, len(ds))
-    teacher_row, rows = measure(checkpoints, teacher, tokenizer, batches, ks, device, dtype)
+             teacher_path, cfg.dataset.get("name"), cfg.split, len(split.dataset))
+    teacher_row, rows = measure(checkpoints, teacher, tokenizer, batches, ks, runtime.device, dtype)
     result = {"teacher": str(teacher_path), "dataset": cfg.dataset.get("name"), "split": str(cfg.split),
-              "examples": len(ds), "ks": ks, **teacher_row, "checkpoints": rows}
+              "examples": len(split.dataset), "ks": ks, **teacher_row, "checkpoints": rows}
     atomic_write_json(out_dir / "alignment.json", result)
     _print_table(result, ks)
     return result

@@ -8,7 +8,6 @@ reader sees either the old complete thing or the new complete thing, never half 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -18,6 +17,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlkd_cli.errors import RlkdError
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: Path, directory: bool) -> None:
+    """``tempfile`` creates 0600 files and 0700 folders; give them the mode an ordinary open would (the umask's)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -30,6 +41,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    _as_umask_allows(tmp, directory=True)
     try:
         yield tmp
         publish_dir(tmp, target)
@@ -44,7 +56,7 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     ``tmp`` must be a sibling named ``.tmp-*`` so that an interrupted publish is recognisable.
     """
     tmp, target = Path(tmp), Path(target)
-    _fsync_tree(tmp)
+    _fsync_tree(tmp, mode=True)
     old = None
     if target.exists():
         old = target.parent / f".old-{target.name}-{os.getpid()}"
@@ -61,6 +73,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
+        _as_umask_allows(Path(tmp), directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -94,18 +107,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive inter-process lock on ``path`` (created if missing), released on exit.
+    """An exclusive inter-process lock on ``path`` (``filelock.FileLock``; created if missing), released on exit.
 
-    Used so that concurrent sweep jobs train or build a cached artefact only once.
+    Used so that concurrent sweep jobs train or build a cached artefact only once. The lock is the
+    operating system's (``flock``): a process that dies releases it, so a stale lock file is harmless.
     """
+    from filelock import FileLock
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with FileLock(str(path)):
+        yield
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output dir") -> Path:
@@ -123,22 +135,44 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output dir") -> Pa
     return path
 
 
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of JSON Lines text, per the format: lines end at ``\\n`` only.
+
+    ``str.splitlines`` would also split at U+2028, U+0085, form feeds and the like, which JSON
+    strings may hold unescaped (real GSM8K rows do). A leading UTF-8 byte-order mark is dropped and
+    a ``\\r`` before the ``\\n`` is not part of the line.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    for lineno, line in enumerate(text.split("\n"), 1):
+        yield lineno, line[:-1] if line.endswith("\r") else line
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON Lines file; a malformed line is an RlkdError naming its line number."""
+    """Read a JSON Lines file (:func:`jsonl_lines`); a malformed line is an RlkdError naming its line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RlkdError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line") from e
+    text = Path(path).read_text(encoding="utf-8-sig")
+    for lineno, line in jsonl_lines(text):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RlkdError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line") from e
     return rows
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
+def _fsync_tree(root: Path, mode: bool = False) -> None:
+    """fsync every file below ``root``; with ``mode``, also give files and folders the umask's mode (some writers,
+    such as safetensors and ``tempfile``, create them 0600 / 0700 whatever the umask)."""
+    if mode:
+        _as_umask_allows(root, directory=True)
+    for dirpath, dirnames, filenames in os.walk(root):
+        if mode:
+            for name in dirnames:
+                _as_umask_allows(Path(dirpath) / name, directory=True)
+            for name in filenames:
+                _as_umask_allows(Path(dirpath) / name, directory=False)
         for name in filenames:
             with contextlib.suppress(OSError):
                 fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -155,3 +189,9 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__

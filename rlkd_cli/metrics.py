@@ -38,10 +38,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from rlkd_cli.errors import RlkdError
-from rlkd_cli.losses import TopKLogits, _check_reduction, top_k, _positions, _reduce, _rows, _teacher_rows
+from rlkd_cli.losses.core import _check_reduction, _positions, _reduce, _rows
+from rlkd_cli.losses.topk import TopKLogits, _teacher_rows, top_k
 
 __all__ = [
     "add_sums",
+    "shift_for_next_token",
     "alignment_sums",
     "alignment_sums_by_modes",
     "consistency_rate",
@@ -50,6 +52,13 @@ __all__ = [
     "teacher_modes",
     "topk_ids",
 ]
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Align position t's logits with token t+1; cut vocabulary padding rows; mask = response positions."""
+    logits = logits[:, :-1, :vocab_size]
+    targets = labels[:, 1:]
+    return logits, targets, targets.ne(-100)
 
 
 def _check_k(k, vocab: int) -> None:

@@ -7,22 +7,16 @@ A model config (``conf/teacher/*.yaml``, ``conf/student/*.yaml``) takes either
 - ``arch``: keyword arguments of a transformers config (``model_type`` plus sizes) for a model built
   from scratch, its vocabulary sized to the tokenizer.
 
-A teacher built from an ``arch`` spec must be trained before it can teach: its ``train_if_missing``
-block holds the ``trainer`` settings with which ``rlkd distill`` trains it on first use (through the
-same engine as ``rlkd sft``) and caches it under ``<cache_dir>/teachers/``. Concurrent jobs of a
-sweep take a file lock, so it is trained once, and it is written through an atomic rename, so no
-job ever loads half of it.
+A teacher built from an ``arch`` spec must be trained before it can teach: :mod:`rlkd_cli.teachers.tiny`
+does that on first use. This module depends on nothing else in rlkd but its error type: it is what
+every other part uses to load, build, save and check models.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlkd_cli.errors import RlkdError, require
-from rlkd_cli.io import atomic_dir, file_lock
 
 log = logging.getLogger(__name__)
-
-# How long the other processes of a multi-process launch wait for process 0 to train the tiny teacher.
-TEACHER_WAIT_S = 3600
 
 # Files that mark a folder as a finished Hugging Face model.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -147,127 +137,47 @@ def load_model(model_cfg: DictConfig, tokenizer, *, role: str, seed: int = 0,
     return model
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# The tiny teacher: trained on first use, cached, shared by concurrent jobs.
+# Saving and loading weights (checkpoints)
 # ----------------------------------------------------------------------------------------------
 
-def teacher_cache_key(cfg: DictConfig) -> str:
-    """A hash of everything that decides the cached teacher's weights."""
-    from rlkd_cli import synthetic
-
-    payload = {
-        "arch": OmegaConf.to_container(cfg.teacher.arch, resolve=True),
-        "train": OmegaConf.to_container(cfg.teacher.train_if_missing, resolve=True),
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-        "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
-        "seed": cfg.teacher.get("seed", 0),
-        "generator": synthetic.GENERATOR_VERSION,
-        "format": 1,
-    }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+def has_weights(path: Path) -> bool:
+    """Whether ``path`` holds model weights rlkd can read (safetensors: a model or a PEFT adapter)."""
+    return any((Path(path) / f).is_file() for f in (*_WEIGHT_FILES, "adapter_model.safetensors"))
 
 
-def cached_teacher_path(cfg: DictConfig) -> Path:
-    name = cfg.teacher.get("name") or "teacher"
-    return Path(os.path.expanduser(str(cfg.cache_dir))) / "teachers" / f"{name}-{teacher_cache_key(cfg)}"
+def is_complete_model(path: Path) -> bool:
+    """A finished Hugging Face model folder: ``config.json`` and safetensors weights."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and any((path / f).is_file() for f in _WEIGHT_FILES)
 
 
-def ensure_teacher(cfg: DictConfig, tokenizer) -> str:
-    """Return a folder holding the teacher; train and cache it first if it is an arch spec.
-
-    Training happens under a file lock (concurrent sweep jobs wait for the first one, then load
-    its result) and is written through :func:`atomic_dir` (a killed run leaves no half folder).
-    """
-    if cfg.teacher.get("name_or_path"):
-        return str(cfg.teacher.name_or_path)
-    require(bool(cfg.teacher.get("arch")),
-            "the teacher config has neither name_or_path nor arch; set teacher.name_or_path=PATH_OR_HUB_ID")
-    require(cfg.teacher.get("train_if_missing") is not None,
-            "a teacher built from an arch spec needs a train_if_missing block (an untrained teacher teaches "
-            "nothing); set teacher.name_or_path to a trained model, or use teacher=tiny")
-    path = cached_teacher_path(cfg)
-    if _is_complete(path):
-        return str(path)
-    from rlkd_cli.config import launch_rank, launch_world
-
-    if launch_world() > 1 and launch_rank() != 0:
-        # a multi-process launch: process 0 trains it (transformers saves models on rank 0 only)
-        log.info("waiting for process 0 to train the tiny teacher into %s", path)
-        deadline = time.monotonic() + TEACHER_WAIT_S
-        while not _is_complete(path):
-            require(time.monotonic() < deadline,
-                    f"process {launch_rank()} waited {TEACHER_WAIT_S // 60} min for process 0 to train the tiny "
-                    f"teacher into {path}; on several machines put cache_dir on a shared disk, or train it first "
-                    "(rlkd sft) and pass teacher.name_or_path")
-            time.sleep(1.0)
-        return str(path)
-    with file_lock(str(path) + ".lock"):
-        if _is_complete(path):  # another job finished it while we waited
-            log.info("Using the tiny teacher trained by another job: %s", path)
-            return str(path)
-        from rlkd_cli import engine
-
-        # Under the lock nobody else is writing: a .tmp-* sibling is what a killed training left behind.
-        for leftover in path.parent.glob(f".tmp-{path.name}-*"):
-            log.warning("Removing %s, left by an interrupted teacher training", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-        log.warning("The teacher checkpoint %s is missing: training it now with the sft engine "
-                    "(first use only; later runs and sweep jobs reuse it).", path)
-        with atomic_dir(path) as tmp:
-            sub = teacher_training_config(cfg)
-            # solo: in a multi-process launch only the process holding the lock trains it
-            result = engine.train(sub, tmp / "run", mode="sft", tokenizer=tokenizer, log_prefix="teacher",
-                                  solo=True)
-            final = Path(result["checkpoint"])
-            for item in final.iterdir():
-                if item.is_file() and item.name not in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
-                    os.replace(item, tmp / item.name)
-            (tmp / "teacher_summary.json").write_text(json.dumps(result, indent=2) + "\n")
-            shutil.rmtree(tmp / "run", ignore_errors=True)
-        log.info("Teacher trained and cached at %s", path)
-    return str(path)
+def save_model(model, folder: Path, *, state_dict: dict | None = None, merge_adapter: bool = False) -> None:
+    """``save_pretrained`` into ``folder`` as one safetensors file (the full ``state_dict`` of a sharded run)."""
+    model.save_pretrained(folder, state_dict=state_dict, max_shard_size="1000GB")
 
 
-def load_teacher(cfg: DictConfig, tokenizer, *, precision: str, device) -> tuple[torch.nn.Module, str]:
-    """The teacher ready to teach: trained first if it is the tiny one, loaded (bf16 for ``precision='bf16'``),
-    checked against the tokenizer, frozen, in eval mode, on ``device``. Returns ``(model, path)``."""
-    path = ensure_teacher(cfg, tokenizer)
-    model = load_pretrained(path, role="teacher", dtype=torch.bfloat16 if precision == "bf16" else None,
-                            trust_remote_code=bool(cfg.teacher.get("trust_remote_code", False)))
-    check_vocab(model, tokenizer, role="teacher")
-    model.requires_grad_(False).eval().to(device)
-    return model, path
+def load_weights(model, folder: Path) -> None:
+    """Load ``folder/model.safetensors`` into ``model`` in place (tied weights stored once); one line if it does not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-
-def teacher_training_config(cfg: DictConfig) -> DictConfig:
-    """The sft config that trains the tiny teacher: the run's dataset, the teacher's train_if_missing."""
-    from rlkd_cli.config import load_group_option
-
-    trainer = OmegaConf.merge(load_group_option("trainer", "default"), cfg.teacher.train_if_missing)
-    trainer.resume = None
-    trainer.progress = cfg.trainer.get("progress", True)
-    trainer.device = cfg.trainer.get("device", "auto")
-    trainer.precision = cfg.trainer.get("precision", "auto")
-    sub = OmegaConf.create({
-        "command": "sft",
-        "model": "teacher",
-        "seed": cfg.teacher.get("seed", 0),
-        "cache_dir": cfg.cache_dir,
-        "tokenizer": cfg.tokenizer,
-        "metrics": cfg.metrics,
-        "teacher": {k: v for k, v in cfg.teacher.items() if k != "train_if_missing"},
-        "dataset": cfg.dataset,
-        "loss": load_group_option("loss", "ce"),
-        "trainer": trainer,
-    })
-    return sub
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").exists() and any((path / f).exists() for f in _WEIGHT_FILES)
+    try:
+        weights = load_file(str(Path(folder) / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise RlkdError(f"checkpoint {folder} is corrupt: model.safetensors cannot be read ({_first_line(e)}); "
+                        "resume from an earlier checkpoints/step-* folder") from e
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied)]
+    require(not missing and not unexpected, f"checkpoint {folder} does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
+    if tied:
+        model.tie_weights()
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return text[0][:300] if text else type(e).__name__

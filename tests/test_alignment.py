@@ -12,22 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, REPO, compose, run_cli
-from rlkd_cli import engine
-from rlkd_cli.models import cached_teacher_path
+from conftest import QUICK, REPO, TEACHER_ONLY, run_cli, train
 
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distilled")
-    summary = engine.train(compose("distill", QUICK + ["loss=kl"]), out, mode="distill")
-    return Path(summary["checkpoint"])
+    return Path(train("distill", QUICK + ["loss=kl"], out)["checkpoint"])
 
 
 def _measure(tmp_path: Path, checkpoints: list[Path]) -> dict:
-    teacher_overrides = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
     out = tmp_path / "align"
-    res = run_cli(["measure-alignment", *teacher_overrides, "checkpoints=[" + ",".join(map(str, checkpoints)) + "]",
+    res = run_cli(["measure-alignment", *TEACHER_ONLY, "checkpoints=[" + ",".join(map(str, checkpoints)) + "]",
                    "limit=16", f"hydra.run.dir={out}"])
     assert res.exit_code == 0, res.output
     return json.loads((out / "alignment.json").read_text())
@@ -59,8 +55,7 @@ def test_smaller_vocabulary_is_a_clear_error(distilled, tmp_path):
     model.resize_token_embeddings(100)
     small = tmp_path / "small"
     model.save_pretrained(small)  # no tokenizer saved: only the vocabulary size can disagree
-    teacher_overrides = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
-    res = run_cli(["measure-alignment", *teacher_overrides, f"checkpoints=[{small}]", f"hydra.run.dir={tmp_path}/a"])
+    res = run_cli(["measure-alignment", *TEACHER_ONLY, f"checkpoints=[{small}]", f"hydra.run.dir={tmp_path}/a"])
     assert res.exit_code != 0
     assert "100 vocabulary rows but the tokenizer has" in res.output and "Traceback" not in res.output
 
@@ -73,11 +68,9 @@ def test_concurrent_jobs_train_the_tiny_teacher_once(tmp_path):
         import sys, logging
         sys.path.insert(0, {str(REPO / 'tests')!r})
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-        from conftest import compose
-        from rlkd_cli import engine, models
+        from conftest import compose, teacher_path
         cfg = compose("distill", {overrides!r})
-        tok = engine.resolve_tokenizer(cfg, [cfg.teacher])
-        print("PATH", models.ensure_teacher(cfg, tok))
+        print("PATH", teacher_path(cfg))
     """)
     env = {**os.environ, "RLKD_CACHE_DIR": str(cache)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -25,23 +25,37 @@ def bench():
     return module
 
 
-def test_in_process_ratios(bench):
+def _param_bytes(bench) -> int:
+    """fp32 bytes of the two bench models' parameters: what any distillation process must hold at least."""
+    return sum(p.numel() * 4 for arch, seed in ((TINY["teacher"], 1), (TINY["student"], 2))
+               for p in bench.make_model(arch, TINY["vocab"], seed).parameters())
+
+
+def test_in_process_ratios_time_the_engine_step(bench, monkeypatch):
+    from rlkd_cli import engine
+
+    calls = []
+    real = engine.train_step
+    monkeypatch.setattr(engine, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = bench.in_process(dict(TINY), "cpu")
     for key in ("rank_overhead", "step_vs_floor", "cached_vs_student_only"):
         assert math.isfinite(out[key]), key
     assert set(out["median_s"]) == {"kl", "kl+rank", "ce", "teacher_forward", "kl+rank_cached"}
     assert all(v > 0 for v in out["median_s"].values())
+    # 2 rounds (1 warm-up + 1 timed) x 4 step variants, each one call of the engine's train_step
+    assert len(calls) == 8
 
 
-def test_rlkd_worker_reports_steps_and_peak_memory(bench):
-    out = bench.worker_rlkd(dict(TINY), "cpu")
-    assert len(out["step_s"]) == TINY["trl_steps"] and out["peak_bytes"] >= 0  # (0: memory reused in-process)
-
-
-def test_trl_worker_runs_gkd(bench):
+@pytest.mark.slow
+def test_workers_in_fresh_processes_report_steps_and_peak_memory(bench):
     pytest.importorskip("trl", reason="TRL is the bench extra (pip install -e '.[bench]')")
-    out = bench.worker_trl(dict(TINY), "cpu")
-    assert len(out["step_s"]) == TINY["trl_steps"] and out["peak_bytes"] >= 0  # (0: memory reused in-process)
+    out = bench.vs_trl(dict(TINY), "cpu")
+    floor = _param_bytes(bench)
+    for system in ("rlkd", "trl"):
+        run = out["runs"][system][0]
+        assert len(run["step_s"]) == TINY["trl_steps"] and all(t > 0 for t in run["step_s"])
+        assert run["peak_bytes"] > floor, (system, run["peak_bytes"], floor)  # both models were in memory
+    assert math.isfinite(out["vs_trl_speedup"]) and out["vs_trl_memory_ratio"] > 0
 
 
 def test_table_marks_goals(bench):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, REPO, run_cli
+from conftest import QUICK, REPO, TEACHER_ONLY, compose, run_cli, teacher_path
 
 
 def _rlkd(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -49,13 +49,9 @@ def test_distill_then_measure_alignment(tmp_path):
     ckpt = summary["checkpoint"]
 
     # the cached teacher measured against itself: perfect alignment; the checkpoint: a row of numbers
-    from rlkd_cli.models import cached_teacher_path
-    from conftest import compose
-
-    teacher = cached_teacher_path(compose("distill", QUICK))
+    teacher = teacher_path(compose("distill", QUICK))
     out = tmp_path / "align"
-    teacher_overrides = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
-    res = run_cli(["measure-alignment", *teacher_overrides, f"checkpoints=[{ckpt},{teacher}]",
+    res = run_cli(["measure-alignment", *TEACHER_ONLY, f"checkpoints=[{ckpt},{teacher}]",
                    "metrics.ks=[1,2,5]", "limit=16", f"hydra.run.dir={out}"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "alignment.json").read_text())
@@ -90,6 +86,7 @@ def test_multirun_sweeps_loss_mixes(tmp_path):
         (["trainer.lr=abc"], "trainer.lr must be a finite number"),
         (["hydra.run.dir=/proc/rlkd-cannot-write"], "/proc/rlkd-cannot-write"),
         (["trainer.maxsteps=3"], "trainer.maxsteps"),
+        (["+trainer.max_step=3"], "unknown key trainer.max_step; did you mean trainer.max_steps?"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, expected, tmp_path):

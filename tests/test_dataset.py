@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from rlkd_cli import dataset as D
-from rlkd_cli import synthetic
+from rlkd_cli.data import dataset as D
+from rlkd_cli.data import synthetic
 from rlkd_cli.errors import RlkdError
-from rlkd_cli.tokenizer import embedded_tokenizer
+from rlkd_cli.data.tokenizer import embedded_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "dataset"
@@ -219,7 +219,7 @@ def test_malformed_line_and_skip_malformed(tmp_path, caplog, tok):
     with pytest.raises(RlkdError, match=r"bad\.jsonl:2: malformed JSON line .*skip_malformed=true"):
         D.load_rows(cfg("jsonl", path=str(path)), "test")
     c = cfg("jsonl", path=str(path), skip_malformed=True, validation_size=0)
-    with caplog.at_level(logging.WARNING, logger="rlkd_cli.dataset"):
+    with caplog.at_level(logging.WARNING, logger="rlkd.data"):
         rows = D.load_rows(c, "test")
     assert rows == [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
     assert "skipped 2 malformed line(s)" in caplog.text
@@ -252,7 +252,7 @@ def test_empty_split_after_building(tmp_path, tok):
 def test_unreachable_hub_id_offline(tmp_path):
     code = (
         "import yaml\n"
-        "from rlkd_cli import dataset as D\n"
+        "from rlkd_cli.data import dataset as D\n"
         "from rlkd_cli.errors import RlkdError\n"
         f"c = yaml.safe_load(open({str(CONF / 'gsm8k.yaml')!r}))\n"
         "for c2 in (c, {**c, 'path': 'rlkd-test-org/no-such-dataset'}):\n"

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, REPO, compose, run_cli
+from conftest import QUICK, REPO, TEACHER_ONLY, run_cli, train
 
 DOCS = REPO / "docs" / "errors.md"
-QUICK_NO_DATA = [o for o in QUICK if not o.startswith("dataset.")]
-TEACHER_ONLY = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
+QUICK_NO_DATA = QUICK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,11 +31,8 @@ TEACHER_ONLY = [o for o in QUICK if o.startswith(("teacher.", "dataset."))]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A finished 2-step distill run's final checkpoint (a complete rlkd checkpoint folder)."""
-    from rlkd_cli import engine
-
     run = tmp_path_factory.mktemp("ckpt-run")
-    cfg = compose("distill", QUICK + ["trainer.max_steps=2", "trainer.eval_every=0"])
-    return Path(engine.train(cfg, run, mode="distill")["checkpoint"])
+    return Path(train("distill", QUICK + ["trainer.max_steps=2", "trainer.eval_every=0"], run)["checkpoint"])
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +67,16 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     # a checkpoint whose optimizer state holds a pickled Python object (not just tensors)
     out["pickled"] = root / "pickled"
     shutil.copytree(checkpoint, out["pickled"])
-    torch.save({"state": {}, "param_groups": [], "payload": Path("/tmp")}, out["pickled"] / "optimizer.pt")
+    torch.save({"state": {}, "param_groups": [], "payload": Path("/tmp")},
+               out["pickled"] / "accelerate_state" / "optimizer.bin")
 
     # a folder that is not a checkpoint at all
     out["not_ckpt"] = root / "not-a-checkpoint"
     out["not_ckpt"].mkdir()
 
     # a checkpoint with another tokenizer (a different embedded BPE vocabulary)
-    from rlkd_cli import models, tokenizer as tok_mod
+    from rlkd_cli import models
+    from rlkd_cli.data import tokenizer as tok_mod
 
     other_tok = tok_mod.embedded_tokenizer(root / "other-tok-cache", 600)
     out["other_tok"] = root / "other-tokenizer"
@@ -93,12 +91,9 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     shutil.copytree(checkpoint.parent.parent / "checkpoints", out["changed"] / "checkpoints")
 
     # a small teacher cache (K=3) of the QUICK data, and a copy a kill left unfinished
-    from rlkd_cli import teacher_cache
-
     out["small_cache"] = root / "small-cache"
-    teacher_cache.build(compose("cache-teacher", QUICK + ["cache.top_k=3", "metrics.ks=[1,2,3]", "loss=kl",
-                                                           "cache.shard_examples=256",
-                                                           f"cache.out={out['small_cache']}"]), root / "cache-run")
+    train("cache-teacher", QUICK + ["cache.top_k=3", "metrics.ks=[1,2,3]", "loss=kl", "cache.shard_examples=256",
+                                    f"cache.out={out['small_cache']}"], root / "cache-run")
     out["incomplete_cache"] = root / "incomplete-cache"
     shutil.copytree(out["small_cache"], out["incomplete_cache"])
     meta = json.loads((out["incomplete_cache"] / "cache.json").read_text())
@@ -111,12 +106,10 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
 
 def _enospc(monkeypatch):
     """Every checkpoint write fails as on a full disk."""
-    import rlkd_cli.engine as engine
-
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "checkpoints/optimizer.pt")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "checkpoints/optimizer.bin")
 
-    monkeypatch.setattr(engine.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
 
 
 def _unwritable(tmp_path: Path) -> str:
@@ -137,13 +130,13 @@ CASES = [
     ("unknown-trainer", "distill", ["trainer=fast"], "unknown trainer 'fast'; available: debug, default"),
     ("unknown-dataset", "distill", ["dataset=imagenet"], "unknown dataset 'imagenet'; available:"),
     ("unknown-student", "distill", ["student=huge"], "unknown student 'huge'; available: tiny"),
-    ("unknown-key", "distill", ["trainer.maxsteps=3"], "trainer.maxsteps"),
+    ("unknown-key", "distill", ["trainer.maxsteps=3"], "unknown key trainer.maxsteps; did you mean trainer.max_steps?"),
     ("unknown-loss-term", "distill", ["+loss.terms.foo.weight=1"], "loss term 'foo' is not a registered loss"),
     ("unknown-loss-option", "distill", ["+loss.terms.kl.k=3"], "loss term 'kl' (forward_kl) has no option 'k'"),
     # wrong types
-    ("lr-not-number", "distill", ["trainer.lr=abc"], "trainer.lr must be a finite number"),
-    ("steps-not-int", "distill", ["trainer.max_steps=ten"], "trainer.max_steps must be an integer >= 1"),
-    ("ks-not-int", "distill", ["metrics.ks=[1,two]"], "metrics.ks must hold positive integers"),
+    ("lr-not-number", "distill", ["trainer.lr=abc"], "trainer.lr must be a finite number > 0, got 'abc'"),
+    ("steps-not-int", "distill", ["trainer.max_steps=ten"], "trainer.max_steps must be an integer >= 1, got 'ten'"),
+    ("ks-not-int", "distill", ["metrics.ks=[1,two]"], "metrics.ks must be a list of positive integers, got 'two'"),
     # out-of-range values
     ("steps-zero", "distill", ["trainer.max_steps=0"], "trainer.max_steps must be >= 1"),
     ("batch-negative", "distill", ["trainer.batch_size=-4"], "trainer.batch_size must be >= 1"),
@@ -156,15 +149,15 @@ CASES = [
      "all loss weights are zero"),
     ("temperature-zero", "distill", ["loss.temperature=0"], "loss.temperature must be a finite number > 0"),
     ("rank-tau-negative", "distill", ["loss.terms.rank.tau=-1"], "tau must be a finite number > 0"),
-    ("max-length-too-small", "distill", ["dataset.max_length=1"], "dataset.max_length=1 must be an integer >= 2"),
-    ("ks-zero", "distill", ["metrics.ks=[0,1]"], "metrics.ks must hold positive integers"),
+    ("max-length-too-small", "distill", ["dataset.max_length=1"], "dataset.max_length must be >= 2, got 1"),
+    ("ks-zero", "distill", ["metrics.ks=[0,1]"], "metrics.ks must be a list of positive integers (each >= 1), got 0"),
     ("scheduler-unknown", "distill", ["trainer.scheduler=zigzag"], "is not a transformers schedule"),
     ("stop-after-zero", "distill", ["trainer.stop_after=0"], "trainer.stop_after must be >= 1"),
     # hardware that is not there
     ("cuda-missing", "distill", ["trainer.device=cuda"], "no CUDA device is visible"),
     ("bf16-on-cpu", "distill", ["trainer.device=cpu", "trainer.precision=bf16"],
      "trainer.precision=bf16 is for CUDA"),
-    ("device-unknown", "distill", ["trainer.device=tpu"], "trainer.device must be auto, cpu or cuda"),
+    ("device-unknown", "distill", ["trainer.device=tpu"], "trainer.device must be one of auto, cpu, cuda, got 'tpu'"),
     # models, checkpoints and tokenizers
     ("teacher-missing-folder", "distill", ["teacher.name_or_path=/nonexistent/teacher"],
      "cannot load tokenizer '/nonexistent/teacher': no such local folder"),
@@ -203,7 +196,7 @@ CASES = [
     ("cache-k-too-small", "distill", ["teacher.cache={small_cache}"], "has k=5 but teacher cache"),
     ("cache-other-data", "distill", ["teacher.cache={small_cache}", "loss=kl", "metrics.ks=[1,2,3]",
                                      "dataset.num_train=500"], "was built from another 'train' split"),
-    ("cache-top-k-zero", "cache-teacher", ["cache.top_k=0"], "cache.top_k must be an integer >= 1"),
+    ("cache-top-k-zero", "cache-teacher", ["cache.top_k=0"], "cache.top_k must be >= 1, got 0"),
     ("cache-dtype-unknown", "cache-teacher", ["cache.dtype=int8"], "cache.dtype must be one of float32, bfloat16, float16"),
     ("cache-k-below-rank-k", "cache-teacher", ["cache.top_k=3"], "ranks the top-5 but cache.top_k=3"),
     ("multiprocess-no-store", "distill", [], "has no torchrun store to agree on a run dir"),

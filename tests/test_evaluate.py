@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import compose, run_cli
-from rlkd_cli import evaluate as ev
+from rlkd_cli import generation, scoring
+from rlkd_cli.commands import evaluate as evaluate_cmd
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 SMALL_SYNTH = ["dataset.num_train=600", "dataset.num_validation=32", "dataset.num_test=32"]
@@ -44,7 +45,7 @@ def _gold_number(answer: str) -> Decimal:
 def _score_file(tmp_path: Path, overrides: list[str], predictions: Path) -> tuple[dict, list[dict]]:
     out = tmp_path / "out"
     cfg = compose("evaluate", [*overrides, f"predictions={predictions}", "trainer.progress=false"])
-    result = ev.run(cfg, out)
+    result = evaluate_cmd.run(cfg, out)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result))
     return result, _read_jsonl(out / "predictions.jsonl")
 
@@ -67,15 +68,15 @@ def _score_file(tmp_path: Path, overrides: list[str], predictions: Path) -> tupl
     ("", None),
 ])
 def test_extract_final_number(text, expected):
-    assert ev.extract_final_number(text) == expected
+    assert scoring.extract_final_number(text) == expected
 
 
 def test_accuracy_score_is_numeric():
-    assert ev.accuracy_score("so 18.0", "blah\n#### 18")
-    assert ev.accuracy_score("#### $1,000", "#### 1000")
-    assert not ev.accuracy_score("#### 19", "#### 18")
-    assert not ev.accuracy_score("no number", "#### 18")
-    assert not ev.accuracy_score("#### 18", "no number")
+    assert scoring.accuracy_score("so 18.0", "blah\n#### 18")
+    assert scoring.accuracy_score("#### $1,000", "#### 1000")
+    assert not scoring.accuracy_score("#### 19", "#### 18")
+    assert not scoring.accuracy_score("no number", "#### 18")
+    assert not scoring.accuracy_score("#### 18", "no number")
 
 
 def test_rouge_l_matches_rouge_score_and_hand_count():
@@ -85,16 +86,16 @@ def test_rouge_l_matches_rouge_score_and_hand_count():
     refs = ["the cat is on the mat", "the dog runs", "something", "d c b a"]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     expected = [100 * scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
-    assert ev.rouge_l(preds, refs) == pytest.approx(expected, abs=1e-12)
+    assert scoring.rouge_l(preds, refs) == pytest.approx(expected, abs=1e-12)
     # by hand: LCS("the cat sat on the mat", "the cat is on the mat") = 5 of 6 tokens each -> F1 = 5/6
-    assert ev.rouge_l(preds, refs)[0] == pytest.approx(100 * 5 / 6)
+    assert scoring.rouge_l(preds, refs)[0] == pytest.approx(100 * 5 / 6)
     # stemming: run/runs, dog/dogs -> LCS("run dog", "the dog run") = 1: P = 1/2, R = 1/3, F1 = 0.4
-    assert ev.rouge_l(preds, refs)[1] == pytest.approx(40.0)
-    assert ev.rouge_l(preds, refs)[2] == 0.0
+    assert scoring.rouge_l(preds, refs)[1] == pytest.approx(40.0)
+    assert scoring.rouge_l(preds, refs)[2] == 0.0
 
 
 def test_read_predictions_fixture_groups_by_model():
-    groups = ev.read_predictions(FIXTURES / "two_models.jsonl", default_label="file")
+    groups = scoring.read_predictions(FIXTURES / "two_models.jsonl", default_label="file")
     assert groups == {"file": {"0": "#### 3", "1": "#### 7"}, "other": {"0": "#### 4"}}
 
 
@@ -176,8 +177,8 @@ def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a BPE trained on 300 synthetic rows, saved as a model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlkd_cli.synthetic import generate as synth
-    from rlkd_cli.tokenizer import train_bpe_tokenizer
+    from rlkd_cli.data.synthetic import generate as synth
+    from rlkd_cli.data.tokenizer import train_bpe_tokenizer
 
     rows = synth(300, seed=7)
     tok = train_bpe_tokenizer([f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows], vocab_size=400)
@@ -214,7 +215,7 @@ def _greedy_by_hand(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple
 
 
 def _prompts(n: int) -> list[str]:
-    from rlkd_cli.synthetic import generate as synth
+    from rlkd_cli.data.synthetic import generate as synth
 
     qs = [r["question"] for r in synth(n, seed=11)]
     # very different lengths so that batches are padded
@@ -234,8 +235,8 @@ def test_batched_generation_equals_unbatched_greedy_by_hand(tiny_model):
     expected = [_greedy_by_hand(model, tok, p, 12) for p in prompts]
     assert len(expected[0][1]) <= 3, "row 0 must hit eos within 4 steps"
     assert any(len(e[1]) == 12 for e in expected), "some row must run to max_new_tokens"
-    batched = ev.generate(model, tok, prompts, batch_size=3, max_new_tokens=12)
-    single = ev.generate(model, tok, prompts, batch_size=1, max_new_tokens=12)
+    batched = generation.generate(model, tok, prompts, batch_size=3, max_new_tokens=12)
+    single = generation.generate(model, tok, prompts, batch_size=1, max_new_tokens=12)
     assert batched == single == [e[0] for e in expected]
 
 
@@ -243,9 +244,9 @@ def test_sampling_is_seeded(tiny_model):
     model, tok = _load(tiny_model)
     prompts = _prompts(4)
     kw = dict(batch_size=2, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95)
-    a = ev.generate(model, tok, prompts, seed=3, **kw)
-    b = ev.generate(model, tok, prompts, seed=3, **kw)
-    c = ev.generate(model, tok, prompts, seed=4, **kw)
+    a = generation.generate(model, tok, prompts, seed=3, **kw)
+    b = generation.generate(model, tok, prompts, seed=3, **kw)
+    c = generation.generate(model, tok, prompts, seed=4, **kw)
     assert a == b and a != c
 
 
@@ -269,7 +270,7 @@ def test_evaluate_model_end_to_end(tiny_model, tmp_path):
     model, tok = _load(tiny_model)
     assert [line["prediction"] for line in lines[:3]] == [_greedy_by_hand(model, tok, line["prompt"], 16)[0]
                                                            for line in lines[:3]]
-    from rlkd_cli import dataset as data_mod
+    from rlkd_cli.data import dataset as data_mod
 
     cfg = compose("evaluate", ["dataset=synthetic_math", *SMALL_SYNTH])
     examples = data_mod.load_examples(cfg.dataset, "test", limit=8)
@@ -359,10 +360,10 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     (["predictions=@empty", "include_teacher=true"], re.compile(r"give one source of outputs")),
     (["model.name_or_path=/nonexistent/model"], re.compile(r"model\.name_or_path '/nonexistent/model' does not exist")),
     (["checkpoints=[/nonexistent/ck]"], re.compile(r"checkpoint '/nonexistent/ck' is not a folder")),
-    (["include_teacher=true", "eval.limit=0"], re.compile(r"eval\.limit must be an integer >= 1 or null, got 0")),
-    (["include_teacher=true", "eval.batch_size=-1"], re.compile(r"eval\.batch_size must be an integer >= 1")),
+    (["include_teacher=true", "eval.limit=0"], re.compile(r"eval\.limit must be >= 1, got 0")),
+    (["include_teacher=true", "eval.batch_size=-1"], re.compile(r"eval\.batch_size must be >= 1, got -1")),
     (["include_teacher=true", "eval.max_new_tokens=0"], re.compile(r"eval\.max_new_tokens must be")),
-    (["include_teacher=true", "eval.do_sample=true", "eval.temperature=0"], re.compile(r"eval\.temperature must be > 0")),
+    (["include_teacher=true", "eval.do_sample=true", "eval.temperature=0"], re.compile(r"eval\.temperature must be a finite number > 0")),
     (["dataset=text", "predictions=@dup"], re.compile(r"scored by perplexity, which needs a model")),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):

@@ -11,6 +11,7 @@ import torch
 from scipy.stats import spearmanr
 
 from rlkd_cli import losses as L
+from rlkd_cli.losses.core import _kl_rows
 from rlkd_cli.errors import RlkdError
 
 CONF_LOSS = Path(__file__).resolve().parents[1] / "conf" / "loss"
@@ -800,10 +801,14 @@ def test_every_preset_yaml_builds_an_objective():
     s = random_logits((1, 3, 12), seed=62, dtype=torch.float32)
     t = random_logits((1, 3, 12), seed=63, dtype=torch.float32)
     labels = torch.tensor([[1, 2, 3]])
+    from conftest import compose
+
     for preset in presets:
         text = (CONF_LOSS / f"{preset}.yaml").read_text()
         assert text.startswith("# "), preset
-        cfg = OmegaConf.load(CONF_LOSS / f"{preset}.yaml")
+        if preset.endswith("+rank"):  # composed from the divergence's and the rank preset, nothing repeated
+            assert "defaults:" in text and "k: 5" not in text, preset
+        cfg = compose("distill", [f"loss={preset}"]).loss  # as Hydra composes it
         assert cfg.name == preset and cfg.temperature == 1.0
         obj = L.Objective.from_config(cfg)
         total, parts = obj(s, t, labels, None)
@@ -834,7 +839,7 @@ def test_presets_accept_hydra_overrides():
 
 
 def _general_kl(s, t, mask=None, **kw):
-    return L.apply_divergence(lambda ls, lt: L._kl_rows(lt, ls), s, t, mask, **kw)
+    return L.apply_divergence(lambda ls, lt: _kl_rows(lt, ls), s, t, mask, **kw)
 
 
 def _general_ce(s, labels, temperature=1.0):

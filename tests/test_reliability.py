@@ -22,9 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICK, REPO, compose
-from rlkd_cli import engine, models
+from conftest import QUICK, REPO, compose, tokenizer_of, train
+from rlkd_cli import models
+from rlkd_cli.engine import checkpoint
 from rlkd_cli.errors import RlkdError
+from rlkd_cli.runtime import Runtime
+from rlkd_cli.teachers import tiny
 
 # 12 steps, a checkpoint every 2 steps, no validation until the end: the run has many save points.
 RUN = QUICK + ["loss=kl+rank", "trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=0",
@@ -50,7 +53,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run's final checkpoint (also makes sure the session's tiny teacher is cached)."""
     out = tmp_path_factory.mktemp("reference")
-    return Path(engine.train(compose("distill", RUN), out, mode="distill")["checkpoint"])
+    return Path(train("distill", RUN, out)["checkpoint"])
 
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -89,7 +92,7 @@ def test_sigkill_then_resume_auto_is_exact(reference, tmp_path):
     assert 2 <= killed_at < 12, "the kill must land mid-run"
     assert not (run_dir / "summary.json").exists()
 
-    summary = engine.train(compose("distill", RUN + ["trainer.resume=auto"]), run_dir, mode="distill")
+    summary = train("distill", RUN + ["trainer.resume=auto"], run_dir)
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["checkpoint"] == summary["checkpoint"] and on_disk["status"] == "completed"
     assert summary["status"] == "completed" and summary["step"] == 12
@@ -115,9 +118,9 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(reference, tmp_path):
     ckpt = _latest(run_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert ckpt.name == f"step-{state['step']:06d}" and ckpt.name >= first and state["step"] < 12
-    assert not engine.missing_checkpoint_files(ckpt)
+    assert not checkpoint.missing_files(ckpt)
     # the SIGTERM checkpoint may be at an odd step (no scheduled save there): it was written for the signal
-    done = engine.train(compose("distill", RUN + ["trainer.resume=auto"]), run_dir, mode="distill")
+    done = train("distill", RUN + ["trainer.resume=auto"], run_dir)
     assert done["status"] == "completed"
     _assert_same_weights(reference, Path(done["checkpoint"]))
 
@@ -132,28 +135,28 @@ def test_kill_mid_save_leaves_previous_checkpoint_and_resume_uses_it(reference, 
 
     def dying_save(obj, path, *args, **kwargs):
         path = Path(path)
-        if path.name == "optimizer.pt" and path.parent.name.startswith(".tmp-step-000004-"):
+        if path.name == "optimizer.bin" and path.parent.parent.name == ".tmp-step-000004":
             # what SIGKILL leaves: the half-written temporary folder stays on disk
-            shutil.copytree(path.parent, path.parent.parent / ".tmp-step-000004-killed")
+            shutil.copytree(path.parent.parent, path.parent.parent.parent / ".tmp-step-000004-killed")
             raise _Killed()
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(engine.torch, "save", dying_save)
+    monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(_Killed):
-        engine.train(compose("distill", RUN), run_dir, mode="distill")
-    monkeypatch.setattr(engine.torch, "save", real_save)
+        train("distill", RUN, run_dir)
+    monkeypatch.setattr(torch, "save", real_save)
 
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-000002"
     assert not (root / "step-000004").exists()
-    assert (root / ".tmp-step-000004-killed" / "model.safetensors").exists()  # the simulated leftover
+    assert (root / ".tmp-step-000004-killed" / "accelerate_state").is_dir()  # the simulated leftover
     prev = root / "step-000002"
-    assert not engine.missing_checkpoint_files(prev)
+    assert not checkpoint.missing_files(prev)
     assert _weights(prev)
-    for name in engine.STATE_FILES[1:]:
-        torch.load(prev / name, weights_only=True)
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        checkpoint._safe_load(prev / "accelerate_state" / name)
 
-    done = engine.train(compose("distill", RUN + ["trainer.resume=auto"]), run_dir, mode="distill")
+    done = train("distill", RUN + ["trainer.resume=auto"], run_dir)
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     _assert_same_weights(reference, Path(done["checkpoint"]))
 
@@ -161,51 +164,55 @@ def test_kill_mid_save_leaves_previous_checkpoint_and_resume_uses_it(reference, 
 def test_kill_between_rename_and_pointer_resumes_from_pointer(reference, tmp_path, monkeypatch):
     """step-000004 renamed into place but ``latest`` not yet updated: the pointer's checkpoint is used."""
     run_dir = tmp_path / "run"
-    real_write = engine.atomic_write_text
+    real_write = checkpoint.atomic_write_text
 
     def dying_write(path, text):
         if Path(path).name == "latest" and text.strip() == "step-000004":
             raise _Killed()
         return real_write(path, text)
 
-    monkeypatch.setattr(engine, "atomic_write_text", dying_write)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", dying_write)
     with pytest.raises(_Killed):
-        engine.train(compose("distill", RUN), run_dir, mode="distill")
-    monkeypatch.setattr(engine, "atomic_write_text", real_write)
+        train("distill", RUN, run_dir)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", real_write)
     assert (run_dir / "checkpoints" / "step-000004").is_dir()
-    assert engine.find_resume_checkpoint(run_dir, "auto").name == "step-000002"
-    done = engine.train(compose("distill", RUN + ["trainer.resume=auto"]), run_dir, mode="distill")
+    assert checkpoint.find_resume(run_dir, "auto").name == "step-000002"
+    done = train("distill", RUN + ["trainer.resume=auto"], run_dir)
     _assert_same_weights(reference, Path(done["checkpoint"]))
 
 
-def _fake_checkpoint(path: Path, files=engine.CHECKPOINT_FILES) -> Path:
+FAKE_FILES = (*checkpoint.CHECKPOINT_FILES, *checkpoint.UNSHARDED_STATE_FILES, "model.safetensors")
+
+
+def _fake_checkpoint(path: Path, files=FAKE_FILES) -> Path:
     path.mkdir(parents=True)
     for name in files:
-        (path / name).write_text("x")
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text('{"step": 1}' if name == "trainer_state.json" else "x")
     return path
 
 
 def test_resume_auto_falls_back_to_newest_complete_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
-    assert engine.find_resume_checkpoint(tmp_path, "auto") is None  # nothing yet: a fresh start
+    assert checkpoint.find_resume(tmp_path, "auto") is None  # nothing yet: a fresh start
     _fake_checkpoint(root / "step-000002")
     _fake_checkpoint(root / "step-000004")
-    _fake_checkpoint(root / "step-000006", files=engine.CHECKPOINT_FILES[:3])  # damaged after the fact
+    _fake_checkpoint(root / "step-000006", files=FAKE_FILES[:3])  # damaged after the fact
     (root / "latest").write_text("step-000006\n")
     (root / ".tmp-step-000008-ab12").mkdir()
     (root / ".tmp-latest-xy").write_text("step-0000")
-    assert engine.find_resume_checkpoint(tmp_path, "auto").name == "step-000004"
+    assert checkpoint.find_resume(tmp_path, "auto").name == "step-000004"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000004", "step-000006"]
     # a pointer naming a folder that is gone, or no pointer at all: the newest complete one
     (root / "latest").write_text("step-000010\n")
-    assert engine.find_resume_checkpoint(tmp_path, "auto").name == "step-000004"
+    assert checkpoint.find_resume(tmp_path, "auto").name == "step-000004"
     (root / "latest").unlink()
-    assert engine.find_resume_checkpoint(tmp_path, "auto").name == "step-000004"
+    assert checkpoint.find_resume(tmp_path, "auto").name == "step-000004"
     # nothing complete at all: a clear error, not a silent fresh start over the old run
     for name in ("step-000002", "step-000004"):
-        (root / name / "optimizer.pt").unlink()
+        (root / name / "accelerate_state" / "optimizer.bin").unlink()
     with pytest.raises(RlkdError, match="holds no complete checkpoint"):
-        engine.find_resume_checkpoint(tmp_path, "auto")
+        checkpoint.find_resume(tmp_path, "auto")
 
 
 def test_replacement_killed_between_renames_is_restored(tmp_path):
@@ -213,7 +220,7 @@ def test_replacement_killed_between_renames_is_restored(tmp_path):
     root = tmp_path / "checkpoints"
     _fake_checkpoint(root / ".old-step-000004-4242")
     (root / "latest").write_text("step-000004\n")
-    assert engine.find_resume_checkpoint(tmp_path, "auto").name == "step-000004"
+    assert checkpoint.find_resume(tmp_path, "auto").name == "step-000004"
     assert not (root / ".old-step-000004-4242").exists()
 
 
@@ -238,8 +245,9 @@ def test_atomic_dir_failure_leaves_target_untouched(tmp_path):
 def test_teacher_cache_survives_leftovers_and_stale_lock(tmp_path, monkeypatch):
     # a teacher nobody has trained yet in this session (5 steps: seconds)
     cfg = compose("distill", QUICK + ["teacher.train_if_missing.max_steps=5", "teacher.seed=11"])
-    tokenizer = engine.resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
-    path = models.cached_teacher_path(cfg)
+    tokenizer = tokenizer_of(cfg)
+    runtime = Runtime.create(cfg.trainer)
+    path = tiny.cached_path(cfg, tokenizer)
     assert not path.exists()
     # what a job killed while training it leaves: a half temporary folder and the lock file
     leftover = path.parent / f".tmp-{path.name}-dead1"
@@ -248,25 +256,25 @@ def test_teacher_cache_survives_leftovers_and_stale_lock(tmp_path, monkeypatch):
     Path(str(path) + ".lock").write_text("")
 
     # first a training that dies half-way (inside the atomic folder): nothing appears at `path`
-    real_train = engine.train
+    real_train = tiny.train
 
     def dying_train(*args, **kwargs):
         raise _Killed()
 
-    monkeypatch.setattr(engine, "train", dying_train)
+    monkeypatch.setattr(tiny, "train", dying_train)
     with pytest.raises(_Killed):
-        models.ensure_teacher(cfg, tokenizer)
+        tiny.ensure_trained(cfg, tokenizer, runtime)
     assert not path.exists()
-    monkeypatch.setattr(engine, "train", real_train)
+    monkeypatch.setattr(tiny, "train", real_train)
 
-    got = Path(models.ensure_teacher(cfg, tokenizer))
-    assert got == path and models._is_complete(path)
+    got = tiny.ensure_trained(cfg, tokenizer, runtime)
+    assert got == path and models.is_complete_model(path)
     assert not leftover.exists()
     assert not list(path.parent.glob(f".tmp-{path.name}-*"))
     teacher = models.load_pretrained(str(path), role="teacher")
     models.check_vocab(teacher, tokenizer, role="teacher")
     # the second call just reuses it
-    assert models.ensure_teacher(cfg, tokenizer) == str(path)
+    assert tiny.ensure_trained(cfg, tokenizer, runtime) == path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,23 +296,23 @@ def test_pickled_objects_in_trainer_state_are_refused(tmp_path):
     bad = tmp_path / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(str(marker))}, bad)
     with pytest.raises(RlkdError, match="pickled Python objects, not plain tensors"):
-        engine._load_state_file(bad)
+        checkpoint._safe_load(bad)
     assert not marker.exists()
     # a torn file is "corrupt", not a crash
     torn = tmp_path / "scheduler.pt"
     torch.save({"a": torch.ones(3)}, torn)
     torn.write_bytes(torn.read_bytes()[:40])
     with pytest.raises(RlkdError, match="is corrupt"):
-        engine._load_state_file(torn)
+        checkpoint._safe_load(torn)
     # plain tensors load
     ok = tmp_path / "rng.pt"
     torch.save({"a": torch.ones(3), "n": 4}, ok)
-    assert engine._load_state_file(ok)["n"] == 4
+    assert checkpoint._safe_load(ok)["n"] == 4
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from rlkd_cli import tokenizer as tok_mod
+    from rlkd_cli.data import tokenizer as tok_mod
 
     root = tmp_path_factory.mktemp("model")
     tok = tok_mod.embedded_tokenizer(Path(os.environ["RLKD_CACHE_DIR"]), 1024)
@@ -342,7 +350,7 @@ def test_trust_remote_code_is_off_unless_set(model_dir, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     from omegaconf import OmegaConf
 
-    from rlkd_cli import tokenizer as tok_mod
+    from rlkd_cli.data import tokenizer as tok_mod
 
     tok = tok_mod.embedded_tokenizer(Path(os.environ["RLKD_CACHE_DIR"]), 1024)
     models.load_model(OmegaConf.create({"name_or_path": str(model_dir)}), tok, role="student")
@@ -366,8 +374,8 @@ def test_offline_hub_ids_fail_without_any_network_call(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
 
-    from rlkd_cli import dataset as data_mod
-    from rlkd_cli import tokenizer as tok_mod
+    from rlkd_cli.data import dataset as data_mod
+    from rlkd_cli.data import tokenizer as tok_mod
 
     with pytest.raises(RlkdError, match="some-org/some-model.*HF_HUB_OFFLINE"):
         models.load_pretrained("some-org/some-model", role="teacher")

@@ -1,4 +1,4 @@
-"""rlkd report (discovery, grouping, mean ± std, files, plots) and the TensorBoard logger."""
+"""rlkd report: discovery, grouping, mean ± std, files, plots."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from conftest import QUICK, run_cli
 from rlkd_cli import report
+from rlkd_cli.commands.report import write_report
 from rlkd_cli.errors import RlkdError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
@@ -87,7 +88,7 @@ def test_mean_std_edge_cases():
 def test_write_report_files_and_plots(tmp_path):
     import matplotlib.image as mpimg
 
-    result = report.write_report([SWEEP], tmp_path / "out")
+    result = write_report([SWEEP], tmp_path / "out")
     out = tmp_path / "out"
     assert set(result["files"]) == {"report.md", "report.csv", "curves.png", "final_bars.png", "modes.png"}
     md = (out / "report.md").read_text()
@@ -113,7 +114,7 @@ def test_no_modes_plot_without_modes_keys(tmp_path):
     shutil.copytree(SWEEP / "0", run)
     s = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({k: v for k, v in s.items() if "|" not in k}))
-    result = report.write_report([run])
+    result = write_report([run])
     assert "modes.png" not in result["files"] and (run / "final_bars.png").exists()
     assert result["groups"][0].label == "loss=kl"  # nothing swept: named by its loss mix
 
@@ -131,49 +132,3 @@ def test_cli_report_and_errors(tmp_path):
     assert "Traceback" not in res.output
     with pytest.raises(RlkdError, match="does not exist"):
         report.discover_runs([tmp_path / "missing"])
-
-
-def test_tensorboard_logger_writes_events(tmp_path):
-    pytest.importorskip("tensorboard", reason="pip install rlkd[tensorboard]")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run = tmp_path / "run"
-    res = run_cli(["distill", *QUICK, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.log_every=1",
-                   "logger=tensorboard", f"hydra.run.dir={run}"])
-    assert res.exit_code == 0, res.output
-    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert events
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "validation/loss", "validation/cr@1"} <= tags
-    # the JSONL is still written, and TensorBoard holds the same numbers
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if r["split"] == "validation"][-1]
-    # by-modes keys: a tag for every non-empty bucket (empty buckets are NaN in the JSONL, not logged)
-    buckets = [k.partition("|")[2] for k in val if k.startswith("count|")]
-    assert buckets == ["modes=1", "modes=2", "modes>=3"]
-    for b in buckets:
-        assert (f"validation/cr@1|{b}" in tags) == (val[f"count|{b}"] > 0)
-    assert sum(val[f"count|{b}"] for b in buckets) == val["positions"]
-    assert acc.Scalars("validation/cr@1")[-1].value == pytest.approx(val["cr@1"], abs=1e-6)
-    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in records if r["split"] == "train"]
-    summary = json.loads((run / "summary.json").read_text())
-    assert "cr@2|modes=1" in summary and "or@5|modes>=3" in summary
-
-
-def test_missing_tensorboard_is_a_clear_error(monkeypatch, tmp_path):
-    import builtins
-
-    from rlkd_cli.logger import MetricsLogger
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "tensorboard" or name.startswith("tensorboard."):
-            raise ImportError("no tensorboard")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(RlkdError, match=r"pip install rlkd\[tensorboard\]"):
-        MetricsLogger.from_config({"name": "tensorboard", "log_dir": "tensorboard"}, tmp_path)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from rlkd_cli import synthetic as S
+from rlkd_cli.data import synthetic as S
 
 CALC_RE = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?)<<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)")
 

@@ -10,26 +10,33 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICK, compose, run_cli
-from rlkd_cli import chunking, engine, models, teacher_cache
-from rlkd_cli import dataset as data_mod
+from conftest import QUICK, compose, run_cli, teacher_path, tokenizer_of, train
+from rlkd_cli import models
+from rlkd_cli.data import dataset as data_mod
+from rlkd_cli.data.loader import Collator, IndexedRows
+from rlkd_cli.engine import chunking
 from rlkd_cli.errors import RlkdError
 from rlkd_cli.losses import TopKLogits, get_loss
+from rlkd_cli.teachers import cache as teacher_cache
+from rlkd_cli.teachers.live import LiveTeacher
 
 CACHE = ["cache.top_k=16", "cache.shard_examples=256", "cache.batch_size=16", "trainer.eval_examples=16"]
 
 
 def _build(tmp_path: Path, extra: list[str] = (), name: str = "cache") -> tuple[Path, dict]:
-    cfg = compose("cache-teacher", QUICK + CACHE + [f"cache.out={tmp_path / name}", *extra])
-    summary = teacher_cache.build(cfg, tmp_path / f"run-{name}")
+    summary = train("cache-teacher", QUICK + CACHE + [f"cache.out={tmp_path / name}", *extra], tmp_path / f"run-{name}")
     return tmp_path / name, summary
 
 
 def _live(cfg):
     """The QUICK teacher, its tokenizer and the train split, loaded as distill does."""
-    tok = engine.resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
-    teacher = models.load_pretrained(models.ensure_teacher(cfg, tok), role="teacher").eval()
+    tok = tokenizer_of(cfg)
+    teacher = models.load_pretrained(str(teacher_path(cfg)), role="teacher").eval()
     return tok, teacher, data_mod.build_split(cfg.dataset, tok, "train")
+
+
+def _batch(split, examples: list[int], tok) -> dict:
+    return Collator(tok.pad_token_id)(IndexedRows(split.dataset).__getitems__(examples))
 
 
 def test_cache_round_trip_is_exact(tmp_path):
@@ -42,12 +49,11 @@ def test_cache_round_trip_is_exact(tmp_path):
     cfg = compose("distill", QUICK)
     tok, teacher, split = _live(cfg)
     examples = [3, 300, 599, 0]  # across shards, in any order
-    batch = data_mod.collate([split.dataset[i] for i in examples], tok.pad_token_id)
-    batch["example_ids"] = torch.tensor(examples)
+    batch = _batch(split, examples, tok)
     idx, _ = chunking.response_index(batch["labels"])
     got = cache.rows(batch, idx, split="train")
     with torch.no_grad():
-        dense = chunking.LiveTeacher(teacher, len(tok)).rows(batch, idx)[0:idx.numel()]
+        dense = LiveTeacher(teacher, len(tok)).rows(batch, idx)[0:idx.numel()]
     want = TopKLogits.from_logits(dense, 16)
     assert torch.equal(got.ids.long(), want.ids)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
@@ -95,8 +101,8 @@ def test_distill_from_cache_runs_no_teacher_forward(tmp_path, monkeypatch):
         raise AssertionError("the teacher model was loaded although a cache was given")
 
     monkeypatch.setattr(models, "load_pretrained", no_teacher)
-    cfg = compose("distill", QUICK + ["loss=kl+rank", f"teacher.cache={root}", "trainer.eval_examples=16"])
-    summary = engine.train(cfg, tmp_path / "run", mode="distill")
+    summary = train("distill", QUICK + ["loss=kl+rank", f"teacher.cache={root}", "trainer.eval_examples=16"],
+                    tmp_path / "run")
     assert summary["status"] == "completed" and summary["teacher"].startswith(f"cache:{root}")
     for key in ("cr@1", "or@5", "loss/kl", "loss/rank"):
         assert math.isfinite(summary[key]), key
@@ -114,7 +120,7 @@ def test_cache_mismatches_are_one_line_errors(tmp_path):
     ]
     for extra, message in cases:
         with pytest.raises(RlkdError, match=message):
-            engine.train(compose("distill", base + extra), tmp_path / "run", mode="distill")
+            train("distill", base + extra, tmp_path / "run")
     with pytest.raises(RlkdError, match="not a teacher cache"):
         teacher_cache.TeacherCache.open(tmp_path)
     with pytest.raises(RlkdError, match="is not a folder"):
@@ -149,11 +155,11 @@ def test_cached_divergences_against_the_live_teacher():
     """
     cfg = compose("distill", QUICK)
     tok, teacher, split = _live(cfg)
-    batch = data_mod.collate([split.dataset[i] for i in range(24)], tok.pad_token_id)
+    batch = _batch(split, list(range(24)), tok)
     idx, _ = chunking.response_index(batch["labels"])
     torch.manual_seed(0)
     with torch.no_grad():
-        t = chunking.LiveTeacher(teacher, len(tok)).rows(batch, idx)[0:idx.numel()]
+        t = LiveTeacher(teacher, len(tok)).rows(batch, idx)[0:idx.numel()]
         s = t + 0.5 * torch.randn_like(t)  # a student near the teacher
     V = t.shape[-1]
     cached = TopKLogits.from_logits(t, 64, temperatures=(1.0, 2.0))
@@ -223,5 +229,6 @@ def test_low_precision_cache_is_renormalised():
 def _general_lumped_kl(s, cached):
     """The forward KL through the general (unfused) path of apply_divergence."""
     from rlkd_cli import losses as L
+    from rlkd_cli.losses.core import _kl_rows
 
-    return L.apply_divergence(lambda ls, lt: L._kl_rows(lt, ls), s, cached, None, reduction="sum")
+    return L.apply_divergence(lambda ls, lt: _kl_rows(lt, ls), s, cached, None, reduction="sum")

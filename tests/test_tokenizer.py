@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rlkd_cli import synthetic
-from rlkd_cli import tokenizer as T
+from rlkd_cli.data import synthetic
+from rlkd_cli.data import tokenizer as T
 from rlkd_cli.errors import RlkdError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_load_tokenizer_missing_local_folder(tmp_path):
 
 def test_load_tokenizer_unreachable_hub_id_offline(tmp_path):
     code = (
-        "from rlkd_cli.tokenizer import load_tokenizer\n"
+        "from rlkd_cli.data.tokenizer import load_tokenizer\n"
         "from rlkd_cli.errors import RlkdError\n"
         "try:\n"
         "    load_tokenizer('rlkd-test-org/no-such-tokenizer', config_key='teacher.name_or_path')\n"

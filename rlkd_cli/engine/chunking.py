@@ -1,6 +1,6 @@
 r"""The loss over response positions, in chunks: no full-size ``[B, T, V]`` float32 tensor ever exists.
 
-The engine (``rlkd_cli/engine.py``, the ``trainer`` group) computes every step's loss here:
+The engine (:mod:`rlkd_cli.engine`, the ``trainer`` group) computes every step's loss here:
 
 1. Only *response* positions count, so the models' final hidden states are gathered at those
    positions first (:func:`response_index`, :func:`gather_rows`): ``[N, H]`` rows, ``N`` the
@@ -37,7 +37,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from rlkd_cli.losses import Objective, cross_entropy
+from rlkd_cli import metrics as metrics_mod
+from rlkd_cli.losses import Objective
+from rlkd_cli.losses.divergences import _cross_entropy_rows
 
 log = logging.getLogger("rlkd.chunking")
 
@@ -214,23 +216,6 @@ class TeacherRows:
             return self.head(x, self.vocab) if self.head is not None else x[:, :self.vocab]
 
 
-class LiveTeacher:
-    """A teacher model run on each micro-batch (under ``no_grad``), its head applied per chunk when split."""
-
-    def __init__(self, model, vocab: int, *, split_head: bool = True):
-        self.model, self.vocab = model, vocab
-        self.head = split_lm(model, vocab) if split_head else None
-
-    @torch.no_grad()
-    def rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, split: str | None = None) -> TeacherRows:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.head is not None:
-            hidden = trunk_forward(self.model, ids, mask)
-        else:
-            hidden = self.model(input_ids=ids, attention_mask=mask).logits
-        return TeacherRows(gather_rows(hidden, idx), self.head, self.vocab)
-
-
 # ----------------------------------------------------------------------------------------------
 # The chunked objective
 # ----------------------------------------------------------------------------------------------
@@ -269,11 +254,9 @@ class _Loop:
         self.nll_sum: torch.Tensor | None = None
 
     def _extras(self, s: torch.Tensor, t: Any, y: torch.Tensor) -> None:
-        from rlkd_cli import metrics as metrics_mod
-
         s = s.detach()
         if self.nll:
-            value = cross_entropy(s, None, None, labels=y, reduction="sum")
+            value = _cross_entropy_rows(s, labels=y).sum()
             self.nll_sum = value if self.nll_sum is None else self.nll_sum + value
         if self.align_ks and t is not None:
             metrics_mod.add_sums(self.align, metrics_mod.alignment_sums(s, t, self.align_ks))
@@ -314,7 +297,7 @@ class _Loop:
                 z = z.requires_grad_(grad)
                 s = head.post(z) if head is not None else z
                 y = self.targets[sl]
-                value, terms = self.objective(s, t, y, None, reduction="sum")
+                value, terms = self.objective.rows_sum(s, t, y)
                 if grad:
                     g_z, = torch.autograd.grad(value, z)
                     if head is None:

@@ -106,7 +106,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 def embedded_tokenizer_dir(cache_dir: str | os.PathLike, vocab_size: int = 1024,
                            num_rows: int = EMBEDDED_TRAIN_ROWS) -> Path:
     """Where :func:`embedded_tokenizer` caches its folder."""
-    from rlkd_cli.synthetic import GENERATOR_VERSION
+    from rlkd_cli.data.synthetic import GENERATOR_VERSION
 
     name = f"synthetic-v{GENERATOR_VERSION}-{vocab_size}"
     if num_rows != EMBEDDED_TRAIN_ROWS:
@@ -135,7 +135,7 @@ def embedded_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = 1024, *,
     if not _is_complete(path):
         with file_lock(path.parent / f".{path.name}.lock"):
             if not _is_complete(path):
-                from rlkd_cli.synthetic import generate_splits
+                from rlkd_cli.data.synthetic import generate_splits
 
                 rows = generate_splits(num_rows, 0, 0, seed=EMBEDDED_SEED)["train"]
                 texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
@@ -205,5 +205,58 @@ def load_tokenizer(name_or_path: str | os.PathLike, *,
     return tok
 
 
-__all__ = ["EOS_TOKEN", "PAD_TOKEN", "embedded_tokenizer", "embedded_tokenizer_dir", "load_tokenizer",
+def for_run(cfg, model_cfgs: list):
+    """The run's tokenizer: ``tokenizer.name_or_path``, else the first pretrained model's, else the embedded BPE.
+
+    ``model_cfgs``: ``(role, model config)`` pairs, in order of preference (errors name ``<role>.name_or_path``).
+    """
+    if cfg.tokenizer.get("name_or_path"):
+        return load_tokenizer(str(cfg.tokenizer.name_or_path), config_key="tokenizer.name_or_path")
+    for role, mc in model_cfgs:
+        if mc is not None and mc.get("name_or_path"):
+            return load_tokenizer(str(mc.name_or_path), config_key=f"{role}.name_or_path")
+    return embedded_tokenizer(Path(os.path.expanduser(str(cfg.cache_dir))), int(cfg.tokenizer.vocab_size))
+
+
+def fingerprint(tokenizer) -> str:
+    """A hash of what the tokenizer does: its full serialised definition (``tokenizer.json``: vocabulary,
+    merges, normaliser, pre-tokeniser, added tokens) and its special tokens; the vocabulary for a slow one."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:  # a slow (Python) tokenizer: its vocabulary
+        body = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    special = json.dumps({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True)
+    return hashlib.sha256((body + "\n" + special).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (what sharing logits across models needs)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_model_tokenizer(path: str, tokenizer, *, role: str) -> None:
+    """A model folder that carries its own tokenizer must carry the run's (same vocabulary), else one line.
+
+    Tokenizing with one vocabulary and feeding a model trained with another trains or measures
+    nonsense that still "completes"; folders without tokenizer files are not checked.
+    """
+    folder = Path(os.path.expanduser(str(path)))
+    if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return
+    own = load_tokenizer(str(folder), config_key=f"{role}.name_or_path")
+    if not same_vocabulary(own, tokenizer):
+        raise RlkdError(f"{role} '{path}' has a different tokenizer from the run's ({len(own)} vs {len(tokenizer)} "
+                        f"tokens): its ids would mean other tokens; use models that share one tokenizer, or set "
+                        f"tokenizer.name_or_path to the one they were trained with")
+
+
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "TOKENIZER_FILES", "check_model_tokenizer", "embedded_tokenizer",
+           "embedded_tokenizer_dir", "fingerprint", "for_run", "load_tokenizer", "same_vocabulary",
            "train_bpe_tokenizer"]

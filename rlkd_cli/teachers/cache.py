@@ -40,15 +40,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlkd_cli import chunking
-from rlkd_cli import dataset as data_mod
+from rlkd_cli.data import dataset as data_mod
+from rlkd_cli.data.loader import IndexedRows, pad_id
+from rlkd_cli.data.tokenizer import fingerprint as tokenizer_fingerprint
+from rlkd_cli.engine import chunking
 from rlkd_cli.errors import RlkdError, require
-from rlkd_cli.io import atomic_write_json, ensure_writable_dir, file_lock
+from rlkd_cli.io import atomic_write_json, current_umask, ensure_writable_dir, file_lock
 from rlkd_cli.losses import Objective, TopKLogits, cross_entropy, ranking_loss
+from rlkd_cli.teachers.live import LiveTeacher
 
 log = logging.getLogger("rlkd.cache")
 
-FORMAT = 1
+FORMAT = 2
 META = "cache.json"
 OPEN_SHARDS = 256  # shard files kept open (memory-mapped) at once while distilling
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,22 +61,6 @@ SPLITS = ("train", "validation", "test")
 # ----------------------------------------------------------------------------------------------
 # Fingerprints: what a cache must agree with
 # ----------------------------------------------------------------------------------------------
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary (token -> id)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def split_fingerprint(ds) -> str:
-    """A hash of a tokenized split's ``input_ids`` and ``labels``, example by example."""
-    h = hashlib.sha256()
-    for ids, labels in zip(ds["input_ids"], ds["labels"]):
-        h.update(np.asarray([len(ids)], dtype=np.int64).tobytes())
-        h.update(np.asarray(ids, dtype=np.int32).tobytes())
-        h.update(np.asarray(labels, dtype=np.int32).tobytes())
-    return h.hexdigest()[:16]
-
 
 def teacher_signature(path: str) -> str:
     """A hash of a model folder's contents, cheap for any size: config.json, and of each safetensors
@@ -172,6 +159,11 @@ class TeacherCache:
             raise RlkdError(f"metrics.ks asks for CR/OR@{max(ks)} but teacher cache {self.root} keeps K={self.k} "
                             f"logits per position; use metrics.ks with k <= {self.k}")
 
+    def check(self, objective: Objective, ks: list[int], splits: dict[str, Any]) -> None:
+        """The engine's check of a teacher source: K and temperatures cover the loss, the splits are the cache's."""
+        self.check_objective(objective, ks)
+        self.check_splits(splits)
+
     def check_splits(self, splits: dict[str, Any]) -> None:
         """Each tokenized split used with the cache must be the one it was built from (same examples, in order)."""
         for name, split in splits.items():
@@ -179,7 +171,7 @@ class TeacherCache:
             if info is None:
                 raise RlkdError(f"teacher cache {self.root} has no '{name}' split (it has "
                                 f"{', '.join(self.meta['splits'])}); rebuild it with cache.splits=[train,validation]")
-            fp = split_fingerprint(split.dataset)
+            fp = split.fingerprint
             if fp != info["fingerprint"]:
                 raise RlkdError(
                     f"teacher cache {self.root} was built from another '{name}' split ({info['num_examples']} examples, "
@@ -239,26 +231,15 @@ def shard_name(index: int) -> str:
 # Building a cache: rlkd cache-teacher
 # ----------------------------------------------------------------------------------------------
 
-def validate_cache_cfg(cc: DictConfig) -> dict[str, Any]:
-    def integer(key: str, minimum: int) -> int:
-        value = cc.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise RlkdError(f"cache.{key} must be an integer >= {minimum}, got {value!r}")
-        return value
+def validate_cache_cfg(cc: Any) -> dict[str, Any]:
+    """The ``cache`` block as plain values, checked against :class:`rlkd_cli.schema.CacheConfig`."""
+    from rlkd_cli import schema
 
-    dtype = str(cc.get("dtype", "float32"))
-    require(dtype in DTYPES, f"cache.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    splits = list(cc.get("splits") or [])
-    require(splits and all(s in SPLITS for s in splits),
-            f"cache.splits must list some of {', '.join(SPLITS)}, got {splits!r}")
-    temps = []
-    for t in cc.get("temperatures") or []:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise RlkdError(f"cache.temperatures must hold numbers > 0, got {t!r}")
-        temps.append(float(t))
-    return {"top_k": integer("top_k", 1), "shard_examples": integer("shard_examples", 1),
-            "batch_size": integer("batch_size", 1), "dtype": dtype, "splits": splits, "temperatures": temps,
-            "out": cc.get("out")}
+    schema.check(cc, schema.CacheConfig, "cache")
+    plain = OmegaConf.to_container(cc, resolve=True) if OmegaConf.is_config(cc) else dict(cc)
+    out = {**{f: getattr(schema.CacheConfig(), f) for f in schema.CacheConfig.__dataclass_fields__}, **plain}
+    out["temperatures"] = [float(t) for t in out["temperatures"]]
+    return out
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -268,6 +249,7 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, st
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -289,12 +271,13 @@ def _shard_complete(path: Path, n_examples: int) -> bool:
 
 
 @torch.no_grad()
-def cache_split(teacher: chunking.LiveTeacher, ds, *, out: Path, split: str, opts: dict[str, Any],
-                temperatures: tuple[float, ...], chunk: int, pad_id: int, device: torch.device, precision: str,
-                on_shard=None) -> dict[str, Any]:
+def cache_split(teacher: LiveTeacher, ds, *, out: Path, split: str, opts: dict[str, Any],
+                temperatures: tuple[float, ...], chunk: int, pad_token_id: int, runtime, on_shard=None) -> dict[str, Any]:
     """Write the shards of one split (skipping complete ones); return its entry for cache.json."""
-    from rlkd_cli.engine import autocast
+    from rlkd_cli.data.loader import Collator
 
+    collator, rows_of = Collator(pad_token_id), IndexedRows(ds)
+    device = runtime.device
     n = len(ds)
     per = opts["shard_examples"]
     n_shards = (n + per - 1) // per
@@ -311,11 +294,11 @@ def cache_split(teacher: chunking.LiveTeacher, ds, *, out: Path, split: str, opt
         counts: list[int] = []
         for b in range(lo, hi, opts["batch_size"]):
             ids = list(range(b, min(b + opts["batch_size"], hi)))
-            batch = {k: v.to(device) for k, v in data_mod.collate([ds[i] for i in ids], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collator(rows_of.__getitems__(ids)).items()}
             idx, _ = chunking.response_index(batch["labels"])
             keep = batch["labels"][:, 1:] != -100
             counts += keep.sum(-1).tolist()
-            with autocast(device, precision):
+            with runtime.autocast():
                 rows = teacher.rows(batch, idx)
                 for sl in chunking.chunk_slices(len(rows), chunk):
                     top = TopKLogits.from_logits(rows[sl], opts["top_k"], temperatures)
@@ -339,18 +322,10 @@ def cache_split(teacher: chunking.LiveTeacher, ds, *, out: Path, split: str, opt
     return {"num_examples": n, "num_shards": n_shards, "shards_done": done}
 
 
-def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """``rlkd cache-teacher``: compose like distill, run the teacher over the splits, write the cache."""
-    from rlkd_cli import models
-    from rlkd_cli.config import validate_ks, validate_trainer
-    from rlkd_cli.engine import choose_device_and_precision, make_accelerator, resolve_tokenizer
-
+def plan(cfg: DictConfig) -> tuple[dict[str, Any], tuple[float, ...]]:
+    """The checked ``cache.*`` options and the temperatures to keep; everything is checked before anything is written."""
     opts = validate_cache_cfg(cfg.cache)
-    validate_trainer(cfg.trainer)
-    ks = validate_ks(cfg.metrics.ks)
-    out_dir = ensure_writable_dir(out_dir)
-    target = ensure_writable_dir(Path(os.path.expanduser(str(opts["out"]))) if opts["out"] else out_dir / "teacher_cache",
-                                 "cache.out")
+    ks = sorted(set(int(k) for k in cfg.metrics.ks))
     objective = Objective.from_config(cfg.loss)
     temperatures = tuple(sorted({1.0, *loss_temperatures(objective), *opts["temperatures"]}))
     for key, fn, _, options in objective.active_terms:
@@ -359,88 +334,108 @@ def build(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                             f"raise cache.top_k to at least {options.get('k', 5)}")
     require(max(ks) <= opts["top_k"], f"metrics.ks goes up to {max(ks)} but cache.top_k={opts['top_k']}; "
                                       f"raise cache.top_k or lower metrics.ks")
-    device_name, precision = choose_device_and_precision(cfg.trainer)
-    device = make_accelerator(cfg.trainer).device
-    tokenizer = resolve_tokenizer(cfg, [("teacher", cfg.teacher)])
+    return opts, temperatures
+
+
+def _open_meta(target: Path, identity: dict[str, Any], split_ids: dict[str, dict], base: dict[str, Any],
+               shard_examples: int) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """``(meta, old meta, shards missing)`` of the cache folder; refuses a folder built with other settings."""
+    meta_path = target / META
+    for leftover in target.glob("*/.tmp-shard-*"):  # writes killed before their rename
+        leftover.unlink(missing_ok=True)
+    old: dict[str, Any] = {}
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except ValueError:
+            old = {}
+        changed = [k for k, v in identity.items() if old.get(k) != v] + [
+            f"splits.{n}" for n, v in split_ids.items()
+            if n in old.get("splits", {}) and old["splits"][n].get("fingerprint") != v["fingerprint"]]
+        if changed:
+            raise RlkdError(f"{target} holds a teacher cache built with other settings ({', '.join(changed[:5])} "
+                            "differ); choose another cache.out, or delete that folder to rebuild it")
+    per = shard_examples
+    missing = [(n, i) for n, v in split_ids.items() for i in range(-(-v["num_examples"] // per))
+               if not _shard_complete(target / n / shard_name(i), min(per, v["num_examples"] - i * per))]
+    new_entries = {n: {**v, "num_shards": -(-v["num_examples"] // per),
+                       "shards_done": [i for i in range(-(-v["num_examples"] // per)) if (n, i) not in missing]}
+                   for n, v in split_ids.items()}
+    # splits cached by an earlier run and not asked for now are kept as they are
+    meta = {**identity, "status": "incomplete", **base, "splits": {**old.get("splits", {}), **new_entries}}
+    if old.get("status") == "complete" and not missing:
+        log.info("the teacher cache in %s is already complete for %s; nothing to do", target, ", ".join(split_ids))
+        meta["status"] = "complete"
+    elif old:
+        log.info("resuming the teacher cache in %s (%d shard(s) to write)", target, len(missing))
+    return meta, old, len(missing)
+
+
+def _write(teacher: LiveTeacher, splits: dict[str, Any], target: Path, meta: dict[str, Any], old: dict[str, Any],
+           opts: dict[str, Any], temperatures: tuple[float, ...], chunk: int, pad: int, runtime) -> dict[str, int]:
+    """Write every missing shard, keeping cache.json up to date; ``{"new": n, "skipped": m}``."""
+    meta_path = target / META
+    if meta["status"] != "complete" or meta != old:
+        atomic_write_json(meta_path, meta)
+    written = {"new": 0, "skipped": 0}
+
+    def on_shard(split: str, s: int, total: int, skipped: bool) -> None:
+        written["skipped" if skipped else "new"] += 1
+        if not skipped:
+            log.info("%s shard %d/%d written", split, s + 1, total)
+
+    for name, split in splits.items():
+        entry = cache_split(teacher, split.dataset, out=target, split=name, opts=opts, temperatures=temperatures,
+                            chunk=chunk, pad_token_id=pad, runtime=runtime, on_shard=on_shard)
+        meta["splits"][name].update(entry)
+        if meta["status"] != "complete":
+            atomic_write_json(meta_path, meta)
+    if meta["status"] != "complete":
+        meta["status"] = "complete"
+        atomic_write_json(meta_path, meta)
+    return written
+
+
+def build(cfg: DictConfig, out_dir: Path, *, runtime, tokenizer) -> dict[str, Any]:
+    """``rlkd cache-teacher``: run the teacher over the splits, write the cache (see the module docstring)."""
+    from rlkd_cli import models
+    from rlkd_cli.teachers import live
+
+    opts, temperatures = plan(cfg)
+    out_dir = ensure_writable_dir(out_dir)
+    target = ensure_writable_dir(Path(os.path.expanduser(str(opts["out"]))) if opts["out"] else out_dir / "teacher_cache",
+                                 "cache.out")
     vocab = len(tokenizer)
     if opts["top_k"] > vocab:
         log.warning("cache.top_k=%d exceeds the vocabulary (%d tokens): every logit is kept", opts["top_k"], vocab)
-    model, teacher_path = models.load_teacher(cfg, tokenizer, precision=precision, device=device)
-    teacher = chunking.LiveTeacher(model, vocab, split_head=bool(cfg.trainer.get("split_head", True)))
-    chunk = chunking.resolve_chunk_size(cfg.trainer.get("chunk_size", "auto"), vocab, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    splits = {name: data_mod.build_split(cfg.dataset, tokenizer, name,
+    model, teacher_path = live.load(cfg, tokenizer, runtime)
+    teacher = LiveTeacher(model, vocab, split_head=bool(cfg.trainer.get("split_head", True)))
+    chunk = chunking.resolve_chunk_size(cfg.trainer.get("chunk_size", "auto"), vocab, runtime.device)
+    data_cache = Path(str(cfg.cache_dir)).expanduser() / "datasets"
+    splits = {name: data_mod.build_split(cfg.dataset, tokenizer, name, cache_dir=data_cache,
                                          limit=cfg.trainer.get("eval_examples") if name == "validation" else None)
               for name in opts["splits"]}
-
     # what a cache folder must agree on to be resumed (paths may move; contents may not change)
-    identity = {
-        "format": FORMAT, "top_k": min(opts["top_k"], vocab), "dtype": opts["dtype"],
-        "temperatures": list(temperatures), "shard_examples": opts["shard_examples"],
-        "teacher_signature": teacher_signature(str(teacher_path)),
-        "tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": vocab,
-    }
-    split_ids = {name: {"fingerprint": split_fingerprint(s.dataset), "num_examples": len(s.dataset),
+    identity = {"format": FORMAT, "top_k": min(opts["top_k"], vocab), "dtype": opts["dtype"],
+                "temperatures": list(temperatures), "shard_examples": opts["shard_examples"],
+                "teacher_signature": teacher_signature(str(teacher_path)),
+                "tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": vocab}
+    split_ids = {name: {"fingerprint": s.fingerprint, "num_examples": len(s.dataset),
                         "num_response_tokens": s.stats.get("num_response_tokens")} for name, s in splits.items()}
-    meta_path = target / META
+    base = {"teacher": models.describe(cfg.teacher), "teacher_path": str(teacher_path),
+            "tokenizer_name": getattr(tokenizer, "name_or_path", None),
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
+    started = time.perf_counter()
     with file_lock(target / ".lock"):  # one writer per cache folder
-        for leftover in target.glob("*/.tmp-shard-*"):  # writes killed before their rename
-            leftover.unlink(missing_ok=True)
-        old: dict[str, Any] = {}
-        if meta_path.exists():
-            try:
-                old = json.loads(meta_path.read_text())
-            except ValueError:
-                old = {}
-            changed = [k for k, v in identity.items() if old.get(k) != v] + [
-                f"splits.{n}" for n, v in split_ids.items()
-                if n in old.get("splits", {}) and old["splits"][n].get("fingerprint") != v["fingerprint"]]
-            if changed:
-                raise RlkdError(f"{target} holds a teacher cache built with other settings ({', '.join(changed[:5])} "
-                                "differ); choose another cache.out, or delete that folder to rebuild it")
-        per = opts["shard_examples"]
-        missing = [(n, i) for n, v in split_ids.items() for i in range(-(-v["num_examples"] // per))
-                   if not _shard_complete(target / n / shard_name(i), min(per, v["num_examples"] - i * per))]
-        new_entries = {n: {**v, "num_shards": -(-v["num_examples"] // per),
-                           "shards_done": [i for i in range(-(-v["num_examples"] // per)) if (n, i) not in missing]}
-                       for n, v in split_ids.items()}
-        # splits cached by an earlier run and not asked for now are kept as they are
-        meta = {**identity, "status": "incomplete", "teacher": models.describe(cfg.teacher),
-                "teacher_path": str(teacher_path), "tokenizer_name": getattr(tokenizer, "name_or_path", None),
-                "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                "splits": {**old.get("splits", {}), **new_entries}}
-        if old.get("status") == "complete" and not missing:
-            log.info("the teacher cache in %s is already complete for %s; nothing to do", target,
-                     ", ".join(split_ids))
-            meta["status"] = "complete"
-        elif old:
-            log.info("resuming the teacher cache in %s (%d shard(s) to write)", target, len(missing))
-        if meta["status"] != "complete" or meta != old:
-            atomic_write_json(meta_path, meta)
+        meta, old, _ = _open_meta(target, identity, split_ids, base, opts["shard_examples"])
         log.info("caching the top-%d logits of teacher %s over %s (%s) into %s", identity["top_k"], meta["teacher"],
                  ", ".join(f"{n}: {len(s.dataset)} examples" for n, s in splits.items()),
                  ", ".join(f"T={t:g}" for t in temperatures), target)
-        started = time.perf_counter()
-        written = {"new": 0, "skipped": 0}
-
-        def on_shard(split: str, s: int, total: int, skipped: bool) -> None:
-            written["skipped" if skipped else "new"] += 1
-            if not skipped:
-                log.info("%s shard %d/%d written", split, s + 1, total)
-
-        for name, split in splits.items():
-            entry = cache_split(teacher, split.dataset, out=target, split=name, opts=opts, temperatures=temperatures,
-                                chunk=chunk, pad_id=pad_id, device=device, precision=precision, on_shard=on_shard)
-            meta["splits"][name].update(entry)
-            if meta["status"] != "complete":
-                atomic_write_json(meta_path, meta)
-        if meta["status"] != "complete":
-            meta["status"] = "complete"
-            atomic_write_json(meta_path, meta)
+        written = _write(teacher, splits, target, meta, old, opts, temperatures, chunk, pad_id(tokenizer), runtime)
     size = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
     summary = {"command": "cache-teacher", "status": "completed", "cache": str(target), "top_k": identity["top_k"],
-               "temperatures": list(temperatures), "dtype": opts["dtype"], "device": device_name,
-               "precision": precision, "shards_written": written["new"], "shards_reused": written["skipped"],
+               "temperatures": list(temperatures), "dtype": opts["dtype"], "device": runtime.device_name,
+               "precision": runtime.precision, "shards_written": written["new"], "shards_reused": written["skipped"],
                "bytes": size, "time_s": round(time.perf_counter() - started, 3),
                "splits": {n: {"examples": v["num_examples"], "response_tokens": v["num_response_tokens"]}
                           for n, v in split_ids.items()}}

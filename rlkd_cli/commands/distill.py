@@ -1,0 +1,22 @@
+"""``rlkd distill``: distil the teacher into the student with the configured loss mix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rlkd_cli import engine, schema, teachers
+from rlkd_cli.data import tokenizer as tok_mod
+from rlkd_cli.runtime import Runtime
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    schema.validate(cfg)
+    runtime = Runtime.create(cfg.trainer)
+    tokenizer = tok_mod.for_run(cfg, [("teacher", cfg.teacher), ("student", cfg.student)])
+    if cfg.student.get("name_or_path"):
+        tok_mod.check_model_tokenizer(cfg.student.name_or_path, tokenizer, role="student")
+    teacher = teachers.resolve(cfg, tokenizer, runtime)
+    return engine.train(cfg, run_dir, runtime=runtime, tokenizer=tokenizer, teacher=teacher, role="student")

@@ -1,0 +1,59 @@
+"""``rlkd report PATH... [--out DIR]``: tables and plots over runs and sweeps (see :mod:`rlkd_cli.report`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlkd_cli.errors import RlkdError
+from rlkd_cli.report import _main_keys, _table, aggregate, discover_runs, group_runs, render_csv, render_markdown
+
+
+def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
+                 console=None) -> dict[str, Any]:
+    """Discover, group and aggregate runs; write report.md, report.csv and the plots; print the table.
+
+    Returns ``{"out": folder, "runs": [...], "groups": [...], "rows": aggregate(...), "files": [...]}``.
+    """
+    runs = discover_runs(paths)
+    groups = group_runs(runs)
+    rows = aggregate(groups)
+    out_dir = Path(os.path.expanduser(str(out if out is not None else paths[0])))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as ex:
+        raise RlkdError(f"cannot create the report folder '{out_dir}': {ex.strerror}; pass --out DIR") from None
+    from rlkd_cli.io import atomic_write_text
+
+    from rlkd_cli.plots import plot_curves, plot_final_bars, plot_modes
+
+    plots = []
+    for name, fn, arg in (("curves.png", plot_curves, groups), ("final_bars.png", plot_final_bars, rows),
+                          ("modes.png", plot_modes, rows)):
+        if fn(arg, out_dir / name):
+            plots.append(name)
+    param_keys = list(groups[0].params) if groups else []
+    atomic_write_text(out_dir / "report.md", render_markdown(runs, groups, rows, [str(p) for p in paths], plots))
+    atomic_write_text(out_dir / "report.csv", render_csv(rows, param_keys))
+    files = ["report.md", "report.csv", *plots]
+    if console is not None:
+        print_table(rows, param_keys, console)
+        console.print(f"{len(runs)} run(s) in {len(groups)} group(s); wrote "
+                      f"{', '.join(str(out_dir / f) for f in files)}")
+    return {"out": out_dir, "runs": runs, "groups": groups, "rows": rows, "files": files}
+
+
+def print_table(rows: list[dict[str, Any]], param_keys: list[str], console) -> None:
+    """The final-metrics table on the console (CR/OR, val_loss, eval and align keys; loss terms in report.md)."""
+    from rich.table import Table
+
+    keys = [k for k in _main_keys(rows) if not k.startswith("loss/") and k != "val_ppl"]
+    header, cells = _table(rows, keys, param_keys)
+    table = Table(title="rlkd report: final metrics (mean ± std over seeds)")
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for line in cells:
+        style = "red" if line[max(len(param_keys), 1) + 1].startswith(("failed", "stopped", "no completed")) else None
+        table.add_row(*line, style=style)
+    console.print(table)

@@ -1,0 +1,321 @@
+"""The training loop behind ``rlkd sft`` and ``rlkd distill``: read :func:`train` top to bottom.
+
+Set up (data, objective, student, optimizer: :func:`setup`), resume (:func:`resume`), then for each
+step: the step (:func:`~rlkd_cli.engine.step.train_step`), log, validate, checkpoint, stop. The
+command hands it a ready :class:`~rlkd_cli.runtime.Runtime`, tokenizer and teacher source (``None``
+for sft); the loop never trains anything else.
+
+Output (in the run dir): ``metrics.jsonl`` (one JSON object per log step and per validation),
+``summary.json`` (final validation metrics as flat keys ``cr@1``, ``or@5``, ...),
+``checkpoints/step-NNNNNN/`` and ``checkpoints/latest`` (:mod:`rlkd_cli.engine.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlkd_cli import models
+from rlkd_cli.data import dataset as data_mod
+from rlkd_cli.data import loader as loader_mod
+from rlkd_cli.engine import checkpoint, rundir
+from rlkd_cli.engine.checkpoint import TrainState
+from rlkd_cli.engine.progress import Progress
+from rlkd_cli.engine.step import StepResult, TeacherSource, Trainer, train_step
+from rlkd_cli.engine.trackers import RunLog
+from rlkd_cli.engine.validation import validate
+from rlkd_cli.errors import RlkdError, require
+from rlkd_cli.io import atomic_write_json, atomic_write_text
+from rlkd_cli.losses import Objective
+from rlkd_cli.metrics import finalize
+from rlkd_cli.runtime import Runtime
+
+log = logging.getLogger("rlkd.engine")
+
+
+@dataclass
+class Setup:
+    """What the loop runs on: the trainer (student, optimizer, teacher, objective), the data, the labels."""
+
+    trainer: Trainer
+    tokenizer: Any
+    train: data_mod.TokenizedSplit
+    val_batches: list
+    batches: Any           # the source of each step's micro-batches (``next(state)``)
+    ks: list[int]
+    role: str
+    label: str
+    saved: tuple[int, Path | None] | None = None   # (step, path) of the last checkpoint written
+
+
+def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, teacher: TeacherSource | None = None,
+          role: str = "student", label: str | None = None) -> dict[str, Any]:
+    """Train ``cfg[role]`` with ``cfg.loss`` (from ``teacher`` when it reads one); return the summary."""
+    tc = cfg.trainer
+    run_dir = Path(run_dir)
+    if runtime.is_main:
+        rundir.claim(run_dir, command=str(cfg.get("command", "train")), resume=bool(tc.get("resume")))
+    try:
+        s = setup(cfg, runtime, tokenizer, teacher, role=role, label=label or str(cfg.get("command", role)))
+        state = resume(cfg, run_dir, s)
+        stop_at = min(int(tc.max_steps), state.step + int(tc.stop_after)) if tc.get("stop_after") else int(tc.max_steps)
+        log.info("[%s] %s on %s, %s, %d steps of %d examples, loss = %s", s.label, models.describe(cfg[role]),
+                 runtime.describe(), f"teacher {teacher.describe()}" if teacher is not None else "no teacher",
+                 int(tc.max_steps), int(tc.batch_size), s.trainer.objective.describe())
+        metrics = RunLog(run_dir, cfg.get("logger"), enabled=runtime.is_main,
+                         config=OmegaConf.to_container(cfg, resolve=True))
+        bar = Progress(enabled=bool(tc.get("progress", True)) and runtime.is_main, total=int(tc.max_steps),
+                       start=state.step, label=s.label)
+        window = _Window()
+        with _sigterm() as sigterm, contextlib.closing(metrics), contextlib.closing(bar):
+            while state.step < int(tc.max_steps):
+                if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
+                    return finish(cfg, run_dir, s, state, status="stopped")
+                log_step = (state.step + 1) % int(tc.log_every) == 0 or state.step + 1 == int(tc.max_steps)
+                result = train_step(s.trainer, s.batches.next(state),
+                                    align_ks=s.ks if log_step and teacher is not None else None)
+                advance(state, result, max_bad=int(tc.max_bad_steps), metrics=metrics)
+                window.add(result)
+                if log_step:
+                    record = window.record(state, s.trainer)
+                    metrics.write(record)
+                    bar.update(state.step, record)
+                else:
+                    bar.update(state.step)
+                if _due(state.step, tc.eval_every, tc.max_steps):
+                    val = validate(s.trainer, s.val_batches, s.ks)
+                    metrics.write({"step": state.step, "split": "validation", **val})
+                    bar.update(state.step, val, validation=True)
+                if _due(state.step, tc.save_every, tc.max_steps):
+                    save(cfg, run_dir, s, state)
+                if runtime.any(sigterm.is_set()):  # every process stops at the same step
+                    path = save(cfg, run_dir, s, state)
+                    log.warning("[%s] SIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
+                                s.label, path, state.step)
+                    raise SystemExit(143)
+            val = validate(s.trainer, s.val_batches, s.ks)
+            metrics.write({"step": state.step, "split": "validation", **val})
+        return finish(cfg, run_dir, s, state, status="completed", val=val)
+    finally:
+        if runtime.is_main:
+            rundir.release(run_dir)
+        runtime.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up and resume
+# ----------------------------------------------------------------------------------------------
+
+def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource | None, *, role: str,
+          label: str) -> Setup:
+    """Data (tokenized once, cached), objective, student and its optimizer, the step's batch source."""
+    tc = cfg.trainer
+    objective = Objective.from_config(cfg.loss)
+    require(teacher is not None or not objective.needs_teacher,
+            f"loss '{cfg.loss.get('name', '?')}' needs a teacher but `rlkd sft` has none; use loss=ce with sft, "
+            "or run rlkd distill")
+    objective.check(len(tokenizer))
+    cache = Path(str(cfg.cache_dir)).expanduser() / "datasets"
+    train_split = data_mod.build_split(cfg.dataset, tokenizer, "train", cache_dir=cache)
+    val_split = data_mod.build_split(cfg.dataset, tokenizer, "validation", limit=tc.get("eval_examples"),
+                                     cache_dir=cache)
+    for name, split in (("train", train_split), ("validation", val_split)):
+        st = split.stats
+        log.info("[%s] %s split: %d examples, %d truncated at max_length=%s, %d dropped", label, name,
+                 st.get("num_examples", 0), st.get("num_truncated", 0), cfg.dataset.get("max_length"),
+                 st.get("num_dropped", 0))
+    ks = sorted(set(int(k) for k in cfg.metrics.ks))
+    if teacher is not None:
+        teacher.check(objective, ks, {"train": train_split, "validation": val_split})
+    micro = int(tc.batch_size) // int(tc.grad_accum)
+    require(micro % runtime.world == 0, f"trainer.batch_size/grad_accum ({micro}) must be divisible by the number "
+                                        f"of processes ({runtime.world})")
+    micro //= runtime.world
+    torch.manual_seed(int(cfg.seed))
+    model = models.load_model(cfg[role], tokenizer, role=role, seed=int(cfg.seed))
+    trainer = Trainer.create(runtime, model, objective=objective, teacher=teacher, vocab=len(tokenizer), tc=tc,
+                             micro_batch=micro)
+    log.info("[%s] loss over response positions in chunks of %d; LM heads %s", label, trainer.chunk,
+             "applied per chunk" if trainer.head is not None else "through the models' full logits")
+    pad = loader_mod.pad_id(tokenizer)
+    loader, sampler = loader_mod.train_loader(train_split.dataset, micro_batch=micro, seed=int(cfg.seed),
+                                              rank=runtime.rank, world=runtime.world, pad_token_id=pad)
+    val_batches = loader_mod.eval_batches(val_split.dataset, batch_size=micro, pad_token_id=pad)
+    return Setup(trainer=trainer, tokenizer=tokenizer, train=train_split, val_batches=val_batches,
+                 batches=DatasetBatches(loader, sampler, int(tc.grad_accum)), ks=ks, role=role, label=label)
+
+
+def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
+    """A fresh :class:`TrainState`, or the one of the checkpoint ``trainer.resume`` names (weights, optimizer,
+    schedule, RNG and data position restored; the config and the training data must be the same)."""
+    tc, rt = cfg.trainer, s.trainer.runtime
+    state = TrainState(data_fingerprint=s.train.fingerprint)
+    if tc.get("resume"):
+        if rt.distributed:  # process 0 tidies a killed save's leftovers; the others then look
+            if rt.is_main:
+                checkpoint.clean_leftovers(run_dir / "checkpoints")
+            rt.barrier()
+        ckpt = checkpoint.find_resume(run_dir, str(tc.resume), clean=not rt.distributed)
+        if ckpt is None:
+            log.info("[%s] trainer.resume=auto: no checkpoint in %s yet, starting fresh", s.label, run_dir)
+        else:
+            force = bool(tc.get("force_resume", False))
+            checkpoint.check_resumable(ckpt, cfg, sharded=rt.sharded, force=force)
+            state = checkpoint.load(ckpt, s.trainer)
+            if state.data_fingerprint and state.data_fingerprint != s.train.fingerprint and not force:
+                raise RlkdError(f"cannot resume from {ckpt}: it was trained on other data (training split fingerprint "
+                                f"{state.data_fingerprint}, this run's {s.train.fingerprint}); use the data it was "
+                                "trained on, or set trainer.force_resume=true")
+            state.data_fingerprint = s.train.fingerprint
+            s.batches.load_state(state)
+            log.info("[%s] resumed from %s at step %d", s.label, ckpt, state.step)
+            if rt.is_main:
+                rundir.trim_metrics(run_dir, state.step)
+    if rt.is_main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces of one iteration
+# ----------------------------------------------------------------------------------------------
+
+class DatasetBatches:
+    """Each step's ``grad_accum`` micro-batches from the dataset's responses (off-policy)."""
+
+    def __init__(self, loader, sampler: loader_mod.StepSampler, grad_accum: int):
+        self.sampler, self.grad_accum = sampler, grad_accum
+        self.iterator = iter(loader)
+
+    def next(self, state: TrainState) -> list[dict[str, torch.Tensor]]:
+        batches = [next(self.iterator) for _ in range(self.grad_accum)]
+        state.epoch, state.position = self.sampler.epoch, self.sampler.position
+        return batches
+
+    def load_state(self, state: TrainState) -> None:
+        self.sampler.load_state_dict({"epoch": state.epoch, "position": state.position})
+
+
+def advance(state: TrainState, result: StepResult, *, max_bad: int, metrics: RunLog) -> None:
+    """Count the step; stop the run after ``max_bad`` non-finite steps in a row."""
+    state.step += 1
+    state.positions += result.positions
+    state.tokens += result.tokens
+    state.train_time_s += result.seconds
+    if result.finite:
+        state.bad_steps = 0
+        return
+    state.bad_steps += 1
+    state.skipped_steps += 1
+    log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)", state.step,
+                state.bad_steps)
+    if state.bad_steps >= max_bad:
+        metrics.write({"step": state.step, "split": "train", "skipped_steps": state.skipped_steps,
+                       "error": "non-finite loss"})
+        raise RlkdError(f"{state.bad_steps} consecutive steps had a non-finite loss or gradient (last at step "
+                        f"{state.step}); lower trainer.lr, check the data, or raise trainer.max_bad_steps")
+
+
+class _Window:
+    """Means of the train metrics over the steps since the last log step."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.align: dict[str, float] = {}
+        self.steps = self.positions = self.tokens = 0
+        self.seconds = 0.0
+        self.grad_norm: float | None = None
+
+    def add(self, r: StepResult) -> None:
+        if r.finite:
+            for key, value in r.sums.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value / max(r.positions, 1)
+            self.steps += 1
+        for key, value in r.align.items():
+            self.align[key] = self.align.get(key, 0.0) + value
+        self.positions += r.positions
+        self.tokens += r.tokens
+        self.seconds += r.seconds
+        self.grad_norm = r.grad_norm
+
+    def record(self, state: TrainState, trainer: Trainer) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": state.step, "split": "train",
+                               **{k: v / max(self.steps, 1) for k, v in self.sums.items()}}
+        if self.align:
+            rec.update(finalize(self.align))
+        rec.update({"lr": trainer.lr, "grad_norm": self.grad_norm,
+                    "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+                    "positions_per_s": self.positions / max(self.seconds, 1e-9),
+                    "skipped_steps": state.skipped_steps, "epoch": state.epoch,
+                    "elapsed_s": round(state.train_time_s, 3)})
+        self.__init__()
+        return rec
+
+
+def _due(step: int, every: Any, max_steps: Any) -> bool:
+    return int(every) > 0 and step % int(every) == 0 and step < int(max_steps)
+
+
+@contextlib.contextmanager
+def _sigterm():
+    """A flag set by SIGTERM (a scheduler's pre-emption): the loop checkpoints and stops at the step's end."""
+    flag = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set()) if main else None
+    try:
+        yield flag
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the end of a run
+# ----------------------------------------------------------------------------------------------
+
+def save(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState) -> Path | None:
+    """A checkpoint of this step (once per step: a SIGTERM right after a scheduled save reuses it)."""
+    if s.saved is not None and s.saved[0] == state.step:
+        return s.saved[1]
+    path = checkpoint.save(run_dir, s.trainer, tokenizer=s.tokenizer, cfg=cfg, state=state,
+                           keep_last=int(cfg.trainer.keep_last), merge_adapter=bool(cfg.trainer.get("merge_adapter")))
+    s.saved = (state.step, path)
+    return path
+
+
+def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, status: str,
+           val: dict[str, float] | None = None) -> dict[str, Any]:
+    """The last checkpoint and ``summary.json`` (``completed`` with final validation, or ``stopped``)."""
+    tc, rt = cfg.trainer, s.trainer.runtime
+    path = save(cfg, run_dir, s, state)
+    summary: dict[str, Any] = {"command": cfg.get("command"), "status": status, "step": state.step,
+                               "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
+    if status == "stopped":
+        log.info("[%s] trainer.stop_after: stopped at step %d with checkpoint %s", s.label, state.step, path)
+    else:
+        val = val or {}
+        teacher = s.trainer.teacher
+        summary.update({
+            "loss_mix": s.trainer.objective.describe(), "trained": models.describe(cfg[s.role]),
+            "teacher": teacher.describe() if teacher is not None else None,
+            "device": rt.device_name, "precision": rt.precision, "processes": rt.world,
+            "skipped_steps": state.skipped_steps, "train_positions": state.positions, "train_tokens": state.tokens,
+            "train_time_s": round(state.train_time_s, 3), "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
+            **{k: v for k, v in val.items() if k.startswith(("cr@", "or@", "loss/"))},
+            "train_examples": s.train.stats.get("num_examples"), "train_truncated": s.train.stats.get("num_truncated"),
+        })
+        log.info("[%s] done: %s", s.label, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
+                                                   if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))
+                                                   and "|" not in k))
+    if rt.is_main:
+        atomic_write_json(run_dir / "summary.json", summary)
+    rt.barrier()
+    return summary

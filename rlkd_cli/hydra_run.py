@@ -1,0 +1,249 @@
+"""Running a command as a Hydra app: compose ``conf/<command>.yaml`` with the user's overrides, run the task
+once or per sweep job, and turn every user error into one line.
+
+Everything Hydra offers works as in any Hydra app: ``-m/--multirun`` sweeps, ``--cfg job``,
+``--help``, ``hydra.run.dir=...``. Errors a user can fix are printed as one line starting with
+``error:`` and exit 2; ``--debug`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from rlkd_cli.config import GROUPS, conf_dir, group_options
+from rlkd_cli.errors import RlkdError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+log = logging.getLogger("rlkd")
+
+# Jobs of a multirun that failed (recorded by the task wrapper; the sweep goes on).
+_FAILED_JOBS: list[tuple[str, str]] = []
+# The exception of a failed single run, re-raised after Hydra returns (so Hydra prints nothing of its own).
+_PENDING: list[BaseException] = []
+
+_DISK_FULL = ("the disk is full (no space left on device) while writing{where}; free some space, lower "
+              "trainer.keep_last, or put the run on a disk with room (hydra.run.dir=..., RLKD_CACHE_DIR=...), "
+              "then continue with trainer.resume=auto")
+
+
+def _check_group_choices(args: list[str]) -> None:
+    """Unknown ``group=option`` values get one line listing the options (before Hydra composes)."""
+    if any(a.startswith(("--config-dir", "-cd", "hydra.searchpath", "+hydra.searchpath")) for a in args):
+        return  # the user brings their own presets
+    for arg in args:
+        m = re.match(r"^~?\+{0,2}([A-Za-z_]+)=(.*)$", arg)
+        if not m or m.group(1) not in GROUPS:
+            continue
+        group, value = m.group(1), m.group(2)
+        choices = [v.strip() for v in re.sub(r"^(choice|glob)\((.*)\)$", r"\2", value).strip("[]").split(",")] \
+            if not value.startswith(("glob(", "range(")) else []
+        available = group_options(group)
+        for choice in choices:
+            if choice and choice not in available and choice.lower() not in ("null", "none"):
+                raise RlkdError(f"unknown {group} '{choice}'; available: {', '.join(available)} "
+                                f"(or add conf/{group}/{choice}.yaml)")
+
+
+def disk_full(ex: BaseException) -> bool:
+    """True for an out-of-space error: errno ENOSPC/EDQUOT anywhere in the exception's chain, or a library's
+    wrapped message saying so (safetensors, torch.save's ``inline_container`` write errors)."""
+    seen: set[int] = set()
+    while ex is not None and id(ex) not in seen:
+        seen.add(id(ex))
+        if isinstance(ex, OSError) and ex.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        text = str(ex)
+        if any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                   "error code: 28", "errno 28")):
+            return True
+        ex = ex.__cause__ or ex.__context__
+    return False
+
+
+_TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _format_validation(ex, command: str) -> str | None:
+    """OmegaConf's type errors at an override as ``KEY must be TYPE, got VALUE`` (None if not one)."""
+    from rlkd_cli import schema
+
+    msg = str(ex).strip().splitlines()[0]
+    key = getattr(ex, "full_key", None)
+    if not key:
+        return None
+    field = re.sub(r"\[\d+\]$", "", key)
+    m = re.match(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
+    if m:
+        words = schema.expected(command, field) or _TYPE_NAMES.get(m.group(3), m.group(3))
+        return f"{field} must be {words}, got {m.group(1)!r}"
+    m = re.match(r"Invalid value assigned: (\w+) is not a ListConfig, list or tuple", msg)
+    if m:
+        words = schema.expected(command, field) or "a list"
+        return f"{field} must be {words}, e.g. {field}=[1,2,5]; got a single {m.group(1)}"
+    if msg.startswith("Key '") and "not in" in msg:
+        near = schema.nearest_key(command, key)
+        return (f"unknown key {key}" + (f"; did you mean {near}?" if near else "")
+                + " (check the keys with --cfg job)")
+    return None
+
+
+def format_hydra_error(ex: BaseException, command: str = "") -> str:
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for inner in (ex, ex.__cause__):
+        if isinstance(inner, OmegaConfBaseException) and _format_validation(inner, command):
+            return _format_validation(inner, command)
+    if isinstance(ex, MissingConfigException):
+        opts = f"; available: {', '.join(ex.options)}" if getattr(ex, "options", None) else ""
+        return f"{str(ex).strip().splitlines()[0]}{opts}"
+    if isinstance(ex, OverrideParseException):
+        return (f"cannot parse the override '{ex.override}': {ex.message.strip().splitlines()[0]}; quote a value "
+                "with spaces or special characters, e.g. 'hydra.run.dir=\"my runs/a\"', and write key=value")
+    if isinstance(ex, OmegaConfBaseException):
+        key = getattr(ex, "full_key", None)
+        return f"config error{f' at {key}' if key else ''}: {str(ex).strip().splitlines()[0]}"
+    text = " ".join(str(ex).split())
+    text = text.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "").strip()
+    if "Could not override" in text or "Key '" in text:
+        return text + " (check the key's spelling with --cfg job; add a new key with +key=value)"
+    return text
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}")
+
+
+def _one_line(ex: BaseException, debug: bool, command: str = "") -> int:
+    """Print ``ex`` as one ``error:`` line (or re-raise with ``--debug``); return the exit code."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if debug:
+        raise ex
+    if isinstance(ex, RlkdError):
+        _print_error(str(ex))
+        return ex.exit_code
+    if isinstance(ex, (HydraException, OmegaConfBaseException)):
+        _print_error(format_hydra_error(ex, command))
+        return 2
+    if disk_full(ex):
+        where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
+        _print_error(_DISK_FULL.format(where=where))
+        return 2
+    if isinstance(ex, OSError):
+        where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
+        _print_error(f"{ex.strerror or ex}{where}; check the path and its permissions (the run dir is set with "
+                     "hydra.run.dir=...)")
+        return 2
+    _print_error(f"unexpected {type(ex).__name__}: {' '.join(str(ex).split())[:400]} (rerun with --debug for the "
+                 "traceback)")
+    return 1
+
+
+def run_hydra(command: str, task: Callable, args: list[str]) -> None:
+    """Compose ``conf/<command>.yaml`` with ``args`` and run ``task(cfg, run_dir)`` (once, or per sweep job)."""
+    import hydra
+
+    from rlkd_cli import schema
+
+    debug = "--debug" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    args = [a for a in args if a != "--debug"]
+    _FAILED_JOBS.clear()
+    _PENDING.clear()
+    prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    try:
+        _check_group_choices(args)
+        args = _multiprocess_args(args)
+        schema.register()
+        sys.argv = [f"rlkd {command}", *args]
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves
+        hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
+        if _PENDING:
+            raise _PENDING.pop()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
+    except Exception as ex:  # noqa: BLE001 - every error ends as one line (or a traceback with --debug)
+        raise typer.Exit(_one_line(ex, debug, command))
+    finally:
+        sys.argv = prev_argv
+        if prev_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = prev_env
+    if _FAILED_JOBS:
+        err_console.print(f"[bold red]{len(_FAILED_JOBS)} sweep job(s) failed:[/bold red]")
+        for job_dir, message in _FAILED_JOBS:
+            err_console.print(f"  {escape(job_dir)}: {escape(message)}")
+        raise typer.Exit(1)
+
+
+def _multiprocess_args(args: list[str]) -> list[str]:
+    """In a multi-process launch every process composes the same run dir (see ``${rlkd_now:...}``);
+    only rank 0 writes Hydra's ``.hydra/`` record."""
+    from rlkd_cli.config import has_launcher_store, launch_rank, launch_world
+
+    if launch_world() <= 1:
+        return args
+    if not has_launcher_store() and not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
+        raise RlkdError("this multi-process launch has no torchrun store to agree on a run dir; launch with "
+                        "torchrun or accelerate launch, or pass hydra.run.dir=DIR (the same for every process)")
+    return args + (["hydra.output_subdir=null"] if launch_rank() > 0 else [])
+
+
+def _wrap_task(task: Callable) -> Callable:
+    """Run the task; inside a multirun a failing job is recorded (summary.json) and the sweep goes on."""
+
+    def job(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from rlkd_cli.config import launch_rank
+
+        hc = HydraConfig.get()
+        out_dir = Path(hc.runtime.output_dir)
+        if launch_rank() > 0:  # the other processes of a multi-process launch: warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
+        if hc.mode != RunMode.MULTIRUN:
+            try:
+                task(cfg, out_dir)
+            except BaseException as ex:  # re-raised by run_hydra once Hydra has returned
+                _PENDING.append(ex)
+            return
+        try:
+            task(cfg, out_dir)
+        except (Exception, SystemExit) as ex:  # record, keep sweeping
+            from rlkd_cli.io import atomic_write_json
+
+            message = str(ex) if isinstance(ex, RlkdError) else f"{type(ex).__name__}: {' '.join(str(ex).split())}"
+            atomic_write_json(out_dir / "summary.json", {"command": cfg.get("command"), "status": "failed",
+                                                         "error": message,
+                                                         "overrides": list(hc.overrides.task)})
+            log.error("job %s failed: %s", out_dir, message)
+            _FAILED_JOBS.append((str(out_dir), message))
+
+    job.__module__ = __name__
+    return job
+
+
+def command_task(module: str) -> Callable:
+    """The task of a command module: ``rlkd_cli.commands.<module>.run(cfg, run_dir)``, imported when it runs."""
+
+    def task(cfg, run_dir: Path):
+        return importlib.import_module(f"rlkd_cli.commands.{module}").run(cfg, run_dir)
+
+    return task
