@@ -172,6 +172,8 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
         if _PENDING:
             raise _PENDING.pop()
+    except _Refused as ex:
+        raise typer.Exit(_one_line(ex.error, debug, command))
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -238,6 +240,77 @@ def _wrap_task(task: Callable) -> Callable:
 
     job.__module__ = __name__
     return job
+
+
+class _Refused(BaseException):
+    """An RlkdError raised in a Hydra callback: Hydra turns a callback's ``Exception`` into a warning and goes
+    on, so the refusal travels as a ``BaseException`` and :func:`run_hydra` prints it as one line."""
+
+    def __init__(self, error: RlkdError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _refuse_on_error(fn):
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RlkdError as e:
+            raise _Refused(e) from None
+
+    return wrapper
+
+
+def _callback_base():
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class RunDirGuard(_callback_base()):
+    """A Hydra callback (``hydra.callbacks`` in conf/common.yaml): claims the run dir before Hydra writes
+    ``.hydra/`` into it, so a run refused for a busy or finished run dir changes nothing there
+    (:func:`rlkd_cli.engine.rundir.claim`); a sweep refuses a sweep dir that already holds a sweep."""
+
+    @_refuse_on_error
+    def on_run_start(self, config, **kwargs) -> None:
+        from rlkd_cli.config import launch_rank
+        from rlkd_cli.engine import rundir
+
+        if launch_rank() != 0:
+            return
+        if not str(config.hydra.run.dir).strip():
+            raise RlkdError("hydra.run.dir is empty: it would write into the current directory; give a folder, "
+                            "e.g. hydra.run.dir=outputs/my-run")
+        run_dir = Path(str(config.hydra.run.dir))
+        rundir.claim(run_dir, command=str(config.get("command")), resume=_continues(config, run_dir))
+
+    def on_run_end(self, config, **kwargs) -> None:
+        from rlkd_cli.engine import rundir
+
+        rundir.release(Path(str(config.hydra.run.dir)))
+
+    @_refuse_on_error
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if not str(config.hydra.sweep.dir).strip():
+            raise RlkdError("hydra.sweep.dir is empty: give a folder, e.g. hydra.sweep.dir=outputs/my-sweep")
+        sweep = Path(str(config.hydra.sweep.dir))
+        if (sweep / "multirun.yaml").exists() and not (config.get("trainer") or {}).get("resume"):
+            raise RlkdError(f"the sweep dir {sweep} already holds a sweep (multirun.yaml); continue its jobs with "
+                            "trainer.resume=auto, or sweep into another dir with hydra.sweep.dir=... (nothing was "
+                            "overwritten)")
+
+
+def _continues(config, run_dir: Path) -> bool:
+    """Whether this run may write into a run dir that already holds one (see :mod:`rlkd_cli.engine.rundir`)."""
+    from rlkd_cli.engine import rundir
+
+    command = str(config.get("command"))
+    if command in ("sft", "distill"):
+        return bool((config.get("trainer") or {}).get("resume"))
+    if command == "cache-teacher":  # an unfinished cache is finished by the same command in the same dir
+        return set(rundir.holds_run(run_dir)) <= {"teacher_cache", "summary.json"}
+    return False
 
 
 def command_task(module: str) -> Callable:

@@ -186,7 +186,7 @@ CASES = [
     ("data-no-path", "distill", ["dataset=jsonl"], "dataset=jsonl needs dataset.path"),
     ("data-hub-offline", "distill", ["dataset=gsm8k"], "cannot load dataset 'openai/gsm8k' from the hub"),
     # the file system
-    ("output-unwritable", "distill", ["hydra.run.dir={unwritable}"], "check the path and its permissions"),
+    ("output-unwritable", "distill", ["hydra.run.dir={unwritable}"], "choose a writable location with hydra.run.dir="),
     ("disk-full", "distill", ["trainer.max_steps=2", "trainer.eval_every=0"], "the disk is full"),
     # scale-out: chunking, the teacher cache, several processes
     ("chunk-size-zero", "distill", ["trainer.chunk_size=0"], "trainer.chunk_size must be auto or an integer >= 1"),
