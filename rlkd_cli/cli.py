@@ -68,9 +68,17 @@ def report(
     """Tables and plots over runs and sweeps: mean ± std over seeds per swept setting, curves, by-modes split."""
     from rich.console import Console
 
+    import logging
+    import sys
+
     from rlkd_cli.commands.report import write_report
     from rlkd_cli.hydra_run import _one_line
 
+    handler = logging.StreamHandler(sys.stderr)  # skipped lines and damaged files: one "warning:" line each
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    report_log = logging.getLogger("rlkd.report")
+    report_log.handlers, report_log.propagate = [handler], False
+    report_log.setLevel(logging.INFO)
     try:
         console = Console(highlight=False, soft_wrap=False)
         if not console.is_terminal:  # logs and pipes: no 80-column squeeze

@@ -8,11 +8,11 @@ Everything Hydra offers works as in any Hydra app: ``-m/--multirun`` sweeps, ``-
 
 from __future__ import annotations
 
-import errno
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from rlkd_cli.config import GROUPS, conf_dir, group_options
 from rlkd_cli.errors import RlkdError
+from rlkd_cli.io import DISK_FULL, disk_full
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 log = logging.getLogger("rlkd")
@@ -32,9 +33,6 @@ _FAILED_JOBS: list[tuple[str, str]] = []
 # The exception of a failed single run, re-raised after Hydra returns (so Hydra prints nothing of its own).
 _PENDING: list[BaseException] = []
 
-_DISK_FULL = ("the disk is full (no space left on device) while writing{where}; free some space, lower "
-              "trainer.keep_last, or put the run on a disk with room (hydra.run.dir=..., RLKD_CACHE_DIR=...), "
-              "then continue with trainer.resume=auto")
 
 
 def _check_group_choices(args: list[str]) -> None:
@@ -50,25 +48,12 @@ def _check_group_choices(args: list[str]) -> None:
             if not value.startswith(("glob(", "range(")) else []
         available = group_options(group)
         for choice in choices:
+            if choice.lower() in ("null", "none", "") and group != "experiment" and not arg.startswith("~"):
+                raise RlkdError(f"{group}={choice} leaves the command without a {group} config; pick one of "
+                                f"{', '.join(available)}")
             if choice and choice not in available and choice.lower() not in ("null", "none"):
                 raise RlkdError(f"unknown {group} '{choice}'; available: {', '.join(available)} "
                                 f"(or add conf/{group}/{choice}.yaml)")
-
-
-def disk_full(ex: BaseException) -> bool:
-    """True for an out-of-space error: errno ENOSPC/EDQUOT anywhere in the exception's chain, or a library's
-    wrapped message saying so (safetensors, torch.save's ``inline_container`` write errors)."""
-    seen: set[int] = set()
-    while ex is not None and id(ex) not in seen:
-        seen.add(id(ex))
-        if isinstance(ex, OSError) and ex.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            return True
-        text = str(ex)
-        if any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
-                                   "error code: 28", "errno 28")):
-            return True
-        ex = ex.__cause__ or ex.__context__
-    return False
 
 
 _TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
@@ -121,6 +106,19 @@ def format_hydra_error(ex: BaseException, command: str = "") -> str:
     return text
 
 
+def composition_error(ex: BaseException) -> BaseException:
+    """What Hydra raised while composing, as the one-line error to show: Hydra's and OmegaConf's own errors
+    as they are (formatted by :func:`format_hydra_error`), anything else (a ``ValueError`` from an override
+    Hydra could not apply) as an :class:`RlkdError` naming the problem."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(ex, (RlkdError, HydraException, OmegaConfBaseException, OSError)):
+        return ex
+    return RlkdError(f"cannot compose the config from these overrides: {' '.join(str(ex).split())[:300]}; check "
+                     "them with --cfg job")
+
+
 def _print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}")
 
@@ -140,7 +138,7 @@ def _one_line(ex: BaseException, debug: bool, command: str = "") -> int:
         return 2
     if disk_full(ex):
         where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
-        _print_error(_DISK_FULL.format(where=where))
+        _print_error(DISK_FULL.format(where=where))
         return 2
     if isinstance(ex, OSError):
         where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
@@ -163,13 +161,20 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     _FAILED_JOBS.clear()
     _PENDING.clear()
     prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    prev_term = _stop_on_sigterm()
     try:
         _check_group_choices(args)
         args = _multiprocess_args(args)
         schema.register()
         sys.argv = [f"rlkd {command}", *args]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # we format errors ourselves
-        hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
+        try:
+            hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_wrap_task(task))()
+        except Exception as ex:  # noqa: BLE001 - the task's errors wait in _PENDING: this is composition
+            error = composition_error(ex)
+            if error is ex:
+                raise
+            raise error from ex
         if _PENDING:
             raise _PENDING.pop()
     except _Refused as ex:
@@ -182,6 +187,8 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     except Exception as ex:  # noqa: BLE001 - every error ends as one line (or a traceback with --debug)
         raise typer.Exit(_one_line(ex, debug, command))
     finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
         sys.argv = prev_argv
         if prev_env is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -192,6 +199,20 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         for job_dir, message in _FAILED_JOBS:
             err_console.print(f"  {escape(job_dir)}: {escape(message)}")
         raise typer.Exit(1)
+
+
+def _stop_on_sigterm():
+    """Outside a training loop (which checkpoints first), SIGTERM ends the command with exit code 143, as a
+    scheduler's pre-emption expects; returns the previous handler (``None`` off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(143)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _multiprocess_args(args: list[str]) -> list[str]:
@@ -228,18 +249,33 @@ def _wrap_task(task: Callable) -> Callable:
             return
         try:
             task(cfg, out_dir)
-        except (Exception, SystemExit) as ex:  # record, keep sweeping
-            from rlkd_cli.io import atomic_write_json
+        except SystemExit as ex:
+            if ex.code == 143:  # SIGTERM: the job is stopped (and resumable), and so is the sweep
+                if not (out_dir / "summary.json").exists():  # stopped before its training loop began
+                    from rlkd_cli.io import atomic_write_json
 
-            message = str(ex) if isinstance(ex, RlkdError) else f"{type(ex).__name__}: {' '.join(str(ex).split())}"
-            atomic_write_json(out_dir / "summary.json", {"command": cfg.get("command"), "status": "failed",
-                                                         "error": message,
-                                                         "overrides": list(hc.overrides.task)})
-            log.error("job %s failed: %s", out_dir, message)
-            _FAILED_JOBS.append((str(out_dir), message))
+                    atomic_write_json(out_dir / "summary.json", {
+                        "command": cfg.get("command"), "status": "stopped", "reason": "SIGTERM", "resumable": True,
+                        "overrides": list(hc.overrides.task)})
+                log.warning("SIGTERM: the sweep stops at job %s (resumable with trainer.resume=auto)", out_dir)
+                raise
+            _record_failure(cfg, hc, out_dir, ex)
+        except Exception as ex:  # record, keep sweeping
+            _record_failure(cfg, hc, out_dir, ex)
 
     job.__module__ = __name__
     return job
+
+
+def _record_failure(cfg, hc, out_dir: Path, ex: BaseException) -> None:
+    """A sweep job that failed: ``summary.json`` with status ``failed`` and its error; the sweep goes on."""
+    from rlkd_cli.io import atomic_write_json
+
+    message = str(ex) if isinstance(ex, RlkdError) else f"{type(ex).__name__}: {' '.join(str(ex).split())}"
+    atomic_write_json(out_dir / "summary.json", {"command": cfg.get("command"), "status": "failed", "error": message,
+                                                 "overrides": list(hc.overrides.task)})
+    log.error("job %s failed: %s", out_dir, message)
+    _FAILED_JOBS.append((str(out_dir), message))
 
 
 class _Refused(BaseException):

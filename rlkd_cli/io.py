@@ -128,10 +128,8 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output dir") -> Pa
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
         probe.close()
     except OSError as e:
-        raise RlkdError(
-            f"cannot write to the {what} '{path}' ({e.strerror or e}); choose a writable location"
-            + (" with hydra.run.dir=..." if what == "output dir" else "")
-        ) from e
+        hint = {"output dir": " with hydra.run.dir=...", "report folder (--out)": " with --out DIR"}.get(what, "")
+        raise RlkdError(f"cannot write to the {what} '{path}' ({e.strerror or e}); choose a writable location{hint}") from e
     return path
 
 
@@ -195,3 +193,50 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(e).strip().splitlines()
     return text[0][:limit] if text else type(e).__name__
+
+
+DISK_FULL = ("the disk is full (no space left on device) while writing{where}; free some space, lower "
+             "trainer.keep_last, or put the run on a disk with room (hydra.run.dir=..., RLKD_CACHE_DIR=...), "
+             "then continue with trainer.resume=auto")
+#: A write that fails with less free space than this on its disk is taken for a full disk.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def disk_full(ex: BaseException | None) -> bool:
+    """True for an out-of-space error: errno ENOSPC/EDQUOT anywhere in the exception's chain, or a library's
+    message saying so (safetensors: "No space left on device (os error 28)")."""
+    import errno
+
+    seen: set[int] = set()
+    while ex is not None and id(ex) not in seen:
+        seen.add(id(ex))
+        if isinstance(ex, OSError) and ex.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if any(s in str(ex) for s in ("No space left on device", "Disk quota exceeded", "os error 28", "StorageFull")):
+            return True
+        ex = ex.__cause__ or ex.__context__
+    return False
+
+
+def low_space(path: str | os.PathLike) -> bool:
+    """Whether the disk holding ``path`` (or its nearest existing parent) has almost no room left."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def write_error(ex: BaseException, path: str | os.PathLike) -> RlkdError | None:
+    """The one-line error for a write to ``path`` that failed because the disk is full, else ``None``.
+
+    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc...]``
+    with no errno, so a failed write on a disk with (almost) no room left counts as one too.
+    """
+    if isinstance(ex, RlkdError):
+        return None
+    if disk_full(ex) or (isinstance(ex, (OSError, RuntimeError)) and low_space(path)):
+        return RlkdError(DISK_FULL.format(where=f" '{path}'"))
+    return None

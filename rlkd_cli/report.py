@@ -16,10 +16,12 @@ A *run* is any folder under the given paths that holds ``summary.json`` (written
 * ``alignment.json``: each checkpoint row's ``cr@k``, ``or@k``, ``ppl`` and by-modes keys, as
   ``align/<key>`` (one checkpoint) or ``align/<checkpoint folder name>/<key>`` (several).
 
-Grouping. The *swept parameters* are the override keys whose value differs between runs (a key
-absent from a run counts as the value ``default``), except ``seed`` and Hydra's own keys
-(``hydra.*``, ``hydra/...``). Runs with the same values of the swept parameters form a group; the
-seeds of a group are its replicates.
+Grouping. The *swept parameters* are the override keys whose value differs between runs, except
+``seed`` and Hydra's own keys (``hydra.*``, ``hydra/...``). A key a run did not override counts as
+the value its config had (its resolved ``config.yaml``, or the group option Hydra chose, e.g.
+``k=5`` from the ``kl+rank`` preset), and as ``default`` only when no record of the run says. Runs
+with the same values of the swept parameters form a group; the seeds of a group are its replicates.
+Which runs are read, and every job of a sweep with its status: :mod:`rlkd_cli.report_runs`.
 
 Aggregation. For every metric of a group, over its *completed* runs where the value is finite:
 
@@ -47,176 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from rlkd_cli.errors import RlkdError
+from rlkd_cli.report_runs import DEFAULT_VALUE, Run, _finite, discover_runs, load_run, parse_overrides  # noqa: F401
 
 __all__ = ["Run", "Group", "discover_runs", "group_runs", "aggregate", "metric_order", "render_csv",
            "render_markdown"]
 
-RUN_FILES = ("summary.json", "results.json", "alignment.json")
-SKIP_DIRS = {"checkpoints", ".hydra", "tensorboard", "__pycache__"}
 EXCLUDED_KEYS = {"seed"}
-DEFAULT_VALUE = "default"
-EVAL_METRICS = ("accuracy", "rougeL", "perplexity")
 _MODES_RE = re.compile(r"^(?P<prefix>(?:align/(?:[^|]*/)?)?)(?P<kind>cr|or)@(?P<k>\d+)\|(?P<bucket>.+)$")
-
-
-# ----------------------------------------------------------------------------------------------
-# Runs
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """One run folder: its status, overrides, final metrics and validation curve."""
-
-    path: Path
-    status: str = "completed"
-    error: str | None = None
-    command: str | None = None
-    loss_mix: str | None = None
-    overrides: dict[str, str] = field(default_factory=dict)
-    final: dict[str, float] = field(default_factory=dict)
-    curve: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
-
-    @property
-    def seed(self) -> str | None:
-        return self.overrides.get("seed")
-
-
-def _natural_key(path: Path) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as ex:
-        raise RlkdError(f"cannot read {path}: {ex}; delete or fix the file and rerun rlkd report") from None
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, str]:
-    """``["loss=kl", "+x.y=1", "~z"]`` -> ``{"loss": "kl", "x.y": "1", "~z": ""}`` (leading ``+``/``++`` dropped)."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        item = str(item)
-        key, sep, value = item.partition("=")
-        key = key.lstrip("+")
-        out[key] = value if sep else ""
-    return out
-
-
-def _read_overrides(run_dir: Path, summary: dict | None) -> dict[str, str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if path.exists():
-        from omegaconf import OmegaConf
-
-        try:
-            items = OmegaConf.to_container(OmegaConf.load(path))
-        except Exception as ex:  # a damaged file: say which
-            raise RlkdError(f"cannot read {path}: {' '.join(str(ex).split())}; fix or delete it") from None
-        return parse_overrides(items or [])
-    if summary and isinstance(summary.get("overrides"), list):
-        return parse_overrides(summary["overrides"])
-    return {}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def _summary_metrics(summary: dict) -> dict[str, float]:
-    out = {}
-    for key, value in summary.items():
-        if (key.startswith(("cr@", "or@", "loss/")) or key in ("val_loss", "val_ppl")) and _finite(value):
-            out[key] = float(value)
-    return out
-
-
-def _results_metrics(results: dict) -> dict[str, float]:
-    rows = [r for r in results.get("models") or [] if isinstance(r, dict)]
-    out = {}
-    for i, row in enumerate(rows):
-        label = "eval/" if len(rows) == 1 else f"eval/{row.get('model', i)}/"
-        for key in EVAL_METRICS:
-            if _finite(row.get(key)):
-                out[f"{label}{key}"] = float(row[key])
-    return out
-
-
-def _alignment_metrics(alignment: dict) -> dict[str, float]:
-    rows = [r for r in alignment.get("checkpoints") or [] if isinstance(r, dict)]
-    names = [Path(str(r.get("checkpoint", i))).name for i, r in enumerate(rows)]
-    out = {}
-    for i, row in enumerate(rows):
-        name = names[i] if names.count(names[i]) == 1 else f"{i}:{names[i]}"
-        label = "align/" if len(rows) == 1 else f"align/{name}/"
-        for key, value in row.items():
-            if (key.startswith(("cr@", "or@")) or key == "ppl") and _finite(value):
-                out[f"{label}{key}"] = float(value)
-    return out
-
-
-def _read_curve(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed job; the rest is still usable
-        if isinstance(rec, dict) and rec.get("split") == "validation" and "step" in rec:
-            records.append(rec)
-    return records
-
-
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Read one run folder (see the module docstring for what is read)."""
-    run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
-    run = Run(path=run_dir)
-    if summary is not None:
-        run.status = str(summary.get("status", "completed"))
-        run.error = summary.get("error")
-        run.command = summary.get("command")
-        run.loss_mix = summary.get("loss_mix")
-        run.final.update(_summary_metrics(summary))
-    if (run_dir / "results.json").exists():
-        results = _read_json(run_dir / "results.json")
-        run.command = run.command or results.get("command", "evaluate")
-        run.final.update(_results_metrics(results))
-    if (run_dir / "alignment.json").exists():
-        run.command = run.command or "measure-alignment"
-        run.final.update(_alignment_metrics(_read_json(run_dir / "alignment.json")))
-    run.overrides = _read_overrides(run_dir, summary)
-    run.curve = _read_curve(run_dir / "metrics.jsonl")
-    return run
-
-
-def discover_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
-    """Every run folder under ``paths`` (a run dir itself, or any folder above runs), in natural path order."""
-    if not paths:
-        raise RlkdError("give at least one run or sweep folder, e.g. rlkd report outputs/multirun/distill/<time>")
-    found: set[Path] = set()
-    for p in paths:
-        root = Path(os.path.expanduser(str(p)))
-        if not root.exists():
-            raise RlkdError(f"'{p}' does not exist; pass a run or sweep folder (e.g. outputs/multirun/distill/<time>)")
-        if not root.is_dir():
-            raise RlkdError(f"'{p}' is not a folder; pass a run or sweep folder")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".tmp-")]
-            if any(f in filenames for f in RUN_FILES):
-                found.add(Path(dirpath).resolve())
-    if not found:
-        raise RlkdError(f"no runs found under {', '.join(str(p) for p in paths)}: no folder holds summary.json, "
-                        "results.json or alignment.json; pass a run dir or a sweep dir of finished rlkd runs")
-    return [load_run(d) for d in sorted(found, key=_natural_key)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +82,14 @@ def swept_keys(runs: Sequence[Run]) -> list[str]:
         for key in run.overrides:
             if key not in keys and not _excluded(key):
                 keys.append(key)
-    return [k for k in keys if len({r.overrides.get(k, DEFAULT_VALUE) for r in runs}) > 1]
+    return [k for k in keys if len({value_of(r, k) for r in runs}) > 1]
+
+
+def value_of(run: Run, key: str) -> str:
+    """The run's value of ``key``: its override, else its config's value, else ``default``."""
+    if key in run.overrides:
+        return run.overrides[key]
+    return run.settings.get(key, DEFAULT_VALUE)
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -251,7 +97,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     keys = swept_keys(runs)
     groups: dict[tuple, Group] = {}
     for run in runs:
-        params = {k: run.overrides.get(k, DEFAULT_VALUE) for k in keys}
+        params = {k: value_of(run, k) for k in keys}
         ident = tuple(params.items())
         if ident not in groups:
             groups[ident] = Group(params=params, runs=[], label=", ".join(f"{k}={v}" for k, v in params.items()))

@@ -348,13 +348,16 @@ def _check_list(key: str, value: list, meta: dict[str, Any], tp: Any) -> None:
     if "length" in meta and len(value) != meta["length"]:
         raise RlkdError(f"{key} must hold {meta['length']} values, got {list(value)!r}")
     item_meta = {k[len("items_"):]: v for k, v in meta.items() if k.startswith("items_")}
+    ops = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
+           "lt": ("<", lambda v, b: v < b)}
+    each = " and ".join(f"{ops[k][0]} {b}" for k, b in item_meta.items() if k in ops)
+    words = _expected(tp, meta) + (f" (each {each})" if each and _expected(tp, meta) != "a list of positive integers"
+                                   else "")
     for v in value:
-        if not _is_type(v, item_tp) or (isinstance(v, float) and not math.isfinite(v)):
-            raise RlkdError(f"{key} must be {_expected(tp, meta)}, got {v!r}")
-        for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if k in item_meta and not {"ge": v >= item_meta[k], "gt": v > item_meta[k], "le": v <= item_meta[k],
-                                       "lt": v < item_meta[k]}[k]:
-                raise RlkdError(f"{key} must be {_expected(tp, meta)} (each {op} {item_meta[k]}), got {v!r}")
+        bad = not _is_type(v, item_tp) or (isinstance(v, float) and not math.isfinite(v))
+        bad = bad or any(not ops[k][1](v, b) for k, b in item_meta.items() if k in ops)
+        if bad:
+            raise RlkdError(f"{key} must be {words}, got {v!r}")
         if "choices" in item_meta and v not in item_meta["choices"]:
             raise RlkdError(f"{key} must list some of {', '.join(item_meta['choices'])}, got {v!r}")
 

@@ -39,7 +39,7 @@ def test_every_command_config_matches_its_schema():
     ("+dataset.max_lenght=32", "unknown key dataset.max_lenght; did you mean dataset.max_length?"),
     ("+student.pef.r=8", "unknown key student.pef; did you mean student.peft?"),
     ("+foo=1", "unknown key foo"),
-    ("trainer.betas=[1.5,0.9]", "trainer.betas must be a list of numbers (each < 1), got 1.5"),
+    ("trainer.betas=[1.5,0.9]", "trainer.betas must be a list of numbers (each >= 0 and < 1), got 1.5"),
     ("trainer.eval_examples=-1", "trainer.eval_examples must be >= 1, got -1"),
     ("trainer.lr=inf", "trainer.lr must be a finite number > 0, got inf"),
     ("+teacher.train_if_missing.max_stepz=3", "unknown key teacher.train_if_missing.max_stepz"),

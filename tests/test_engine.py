@@ -145,19 +145,17 @@ def test_sampler_is_deterministic_and_resumable():
 
 
 @pytest.mark.slow
-def test_progress_lines_when_stdout_is_a_file(tmp_path):
-    """A run whose stdout is redirected (a SLURM log) shows one plain line per log step."""
-    from conftest import REPO
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
+    """A run whose stdout is redirected (a SLURM log, ``> run.log``) shows one plain line per log step."""
+    from conftest import run_cli
 
-    log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        res = subprocess.run([sys.executable, "-m", "rlkd_cli", "distill", *QUICK, "trainer.progress=true",
-                              f"hydra.run.dir={tmp_path / 'run'}"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                             timeout=300)
-    text = log.read_text()
-    assert res.returncode == 0, text[-3000:]
-    lines = [line for line in text.splitlines() if "[distill] step " in line]
+    res = run_cli(["distill", *QUICK, "trainer.progress=true", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert res.exit_code == 0, res.output[-3000:]
+    lines = [line for line in res.output.splitlines() if "[distill] step " in line]
     assert [line.split("step ")[1].split(" ")[0] for line in lines] == ["2/8", "4/8", "6/8", "8/8"]
     for line in lines:
         assert "loss " in line and "cr@1 " in line and "cr@2 " in line and "or@5 " in line
         assert "tok/s" in line and "elapsed" in line and "ETA" in line
+    assert "validation at step 4/8" in res.output
+    log = (tmp_path / "run" / "distill.log").read_text()  # and the run's log file has them too
+    assert sum("[distill] step " in line for line in log.splitlines()) == 4

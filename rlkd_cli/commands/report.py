@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlkd_cli.errors import RlkdError
+from rlkd_cli.io import atomic_write_text, ensure_writable_dir
+from rlkd_cli.plots import plot_curves, plot_final_bars, plot_modes
 from rlkd_cli.report import _main_keys, _table, aggregate, discover_runs, group_runs, render_csv, render_markdown
 
 
@@ -19,15 +20,8 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | No
     runs = discover_runs(paths)
     groups = group_runs(runs)
     rows = aggregate(groups)
-    out_dir = Path(os.path.expanduser(str(out if out is not None else paths[0])))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as ex:
-        raise RlkdError(f"cannot create the report folder '{out_dir}': {ex.strerror}; pass --out DIR") from None
-    from rlkd_cli.io import atomic_write_text
-
-    from rlkd_cli.plots import plot_curves, plot_final_bars, plot_modes
-
+    out_dir = ensure_writable_dir(Path(os.path.expanduser(str(out if out is not None else paths[0]))),
+                                  "report folder (--out)")
     plots = []
     for name, fn, arg in (("curves.png", plot_curves, groups), ("final_bars.png", plot_final_bars, rows),
                           ("modes.png", plot_modes, rows)):
@@ -45,10 +39,11 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | No
 
 
 def print_table(rows: list[dict[str, Any]], param_keys: list[str], console) -> None:
-    """The final-metrics table on the console (CR/OR, val_loss, eval and align keys; loss terms in report.md)."""
+    """The final-metrics table on the console (CR/OR, val_ppl, eval and align keys; loss terms in report.md)."""
     from rich.table import Table
 
-    keys = [k for k in _main_keys(rows) if not k.startswith("loss/") and k != "val_ppl"]
+    # val_loss is not comparable across loss mixes: the console shows the perplexity (report.md has both)
+    keys = [k for k in _main_keys(rows) if not k.startswith("loss/") and k != "val_loss"]
     header, cells = _table(rows, keys, param_keys)
     table = Table(title="rlkd report: final metrics (mean ± std over seeds)")
     for h in header:

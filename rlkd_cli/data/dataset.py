@@ -128,17 +128,45 @@ def _template_vars(template: str | None, name: str, key: str) -> list[str]:
     return out
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, *, column: str, row: int, name: str, source: str) -> str:
+    """A cell as text: strings as they are, numbers as written, null as empty; a list or dict is refused."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
+        raise RlkdError(f"dataset '{name}': row {row} of {source} holds a {type(value).__name__} in column "
+                        f"'{column}', where rlkd reads text; flatten that column to a string, or map another column "
+                        f"with dataset.fields")
     return str(value)
 
 
+def _columns_of(cfg: dict, got: _Rows, all_vars: list[str]) -> None:
+    """Every template variable's column exists in the source (one line listing the columns otherwise)."""
+    columns: dict[str, None] = {}
+    for row in got.rows:
+        for k in row:
+            columns.setdefault(k, None)
+    for var in all_vars:
+        col = str(cfg["fields"].get(var, var))
+        if col not in columns:
+            raise RlkdError(f"{cfg['name']}: column '{col}' not found in {got.source} (columns: {', '.join(columns)}); "
+                            f"set dataset.fields.{var}=<column>")
+
+
+def _response_state(row: dict, cols: list[str], values: dict[str, str], r_vars: list[str]) -> str | None:
+    """Why a row has no response to train on (``missing``, ``null``, ``empty``), or ``None`` if it has one."""
+    if any(c not in row for c in cols):
+        return "missing"
+    if any(row[c] is None for c in cols):
+        return "null"
+    if all(values[v].strip() == "" for v in r_vars):
+        return "empty"
+    return None
+
+
 def _render(cfg: dict, got: _Rows) -> list[dict]:
+    """Rows -> ``{"id", "prompt", "response", "reference"}``; rows without a response are left out, with a count."""
     name, fields = cfg["name"], cfg["fields"]
     text_kind = cfg["kind"] == "text"
     response_t = cfg["response_template"] or ("{text}" if text_kind else " {response}")
@@ -149,28 +177,30 @@ def _render(cfg: dict, got: _Rows) -> list[dict]:
     r_vars = _template_vars(response_t, name, "response_template")
     optional = [v for v in p_vars if v not in n_vars] if no_input_t else []
     all_vars = list(dict.fromkeys(p_vars + n_vars + r_vars))
-
     if not got.rows:
         return []  # nothing to check the columns against (an empty carved split, or limit=0)
-    columns: dict[str, None] = {}
-    for row in got.rows:
-        for k in row:
-            columns.setdefault(k, None)
-    for var in all_vars:
-        col = str(fields.get(var, var))
-        if col not in columns:
-            raise RlkdError(f"{name}: column '{col}' not found in {got.source} (columns: {', '.join(columns)}); "
-                            f"set dataset.fields.{var}=<column>")
-
-    id_field = cfg["id_field"]
-    examples = []
+    _columns_of(cfg, got, all_vars)
+    id_field, r_cols = cfg["id_field"], [str(fields.get(v, v)) for v in r_vars]
+    examples, skipped = [], {"missing": 0, "null": 0, "empty": 0}
     for i, row in enumerate(got.rows):
-        values = {var: _text(row.get(str(fields.get(var, var)))) for var in all_vars}
+        values = {var: _text(row.get(str(fields.get(var, var))), column=str(fields.get(var, var)), row=i + 1,
+                             name=name, source=got.source) for var in all_vars}
+        why = _response_state(row, r_cols, values, r_vars) if r_vars else None
+        if why is not None:
+            skipped[why] += 1
+            continue
         use_no_input = bool(optional) and any(values[v].strip() == "" for v in optional)
         prompt = (no_input_t if use_no_input else prompt_t).format_map(values) if prompt_t else ""
         response = response_t.format_map(values)
-        ex_id = _text(row[id_field]) if id_field and row.get(id_field) is not None else str(i)
+        ex_id = str(row[id_field]) if id_field and row.get(id_field) is not None else str(i)
         examples.append({"id": ex_id, "prompt": prompt, "response": response, "reference": response.strip()})
+    if not examples:
+        raise RlkdError(f"dataset '{name}': every one of the {len(got.rows)} rows of {got.source} has a missing, null "
+                        f"or empty response (column {', '.join(repr(c) for c in r_cols)}); point dataset.fields."
+                        f"{r_vars[0]} at the column that holds the responses, or fix the data")
+    if sum(skipped.values()):
+        log.warning("dataset '%s' (%s): left out %d of %d rows without a response (%s)", name, got.source,
+                    sum(skipped.values()), len(got.rows), ", ".join(f"{n} {k}" for k, n in skipped.items() if n))
     return examples
 
 
@@ -333,7 +363,7 @@ def _tokenize_text(d: dict, split: str, examples: list[dict], tokenizer, fp: str
     import datasets
 
     eos, prefix, block = _eos_id(tokenizer), _bos_prefix(tokenizer), d["max_length"]
-    docs = [ex["response"] for ex in examples if ex["response"] != ""]
+    docs = [ex["response"] for ex in examples]
 
     def encode(batch: dict) -> dict:
         return {"ids": [prefix + ids + [eos] for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]}
@@ -376,20 +406,25 @@ def build_split(cfg: Any, tokenizer, split: str, *, limit: int | None = None,
                 cache_dir: str | Path | None = None) -> TokenizedSplit:
     """Tokenize ``split`` for training/evaluation (see :func:`tokenize_example` and the module doc).
 
-    ``limit`` keeps the first ``limit`` examples (after ``dataset.limit``); ``cache_dir`` keeps the
-    tokenized split on disk, keyed by its fingerprint (:class:`TokenizedSplit`).
+    ``limit`` keeps the first ``limit`` training sequences: examples, or for ``text`` data sets the
+    packed blocks that are trained and measured (not documents). ``cache_dir`` keeps the tokenized
+    split on disk, keyed by its fingerprint (:class:`TokenizedSplit`).
     """
     import datasets
 
     datasets.disable_progress_bars()
     d = dataset_cfg(cfg)
-    examples, got = _examples(d, split, limit)
+    text_kind = d["kind"] == "text"
+    examples, got = _examples(d, split, None if text_kind else limit)
     if not examples:
         raise _empty_error(d, split, f"{got.source} gave 0 rows")
-    fp = _fingerprint(d, split, examples, tokenizer, limit)
+    fp = _fingerprint(d, split, examples, tokenizer, None if text_kind else limit)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
-    tokenize = _tokenize_text if d["kind"] == "text" else _tokenize_pairs
+    tokenize = _tokenize_text if text_kind else _tokenize_pairs
     ds, extra = tokenize(d, split, examples, tokenizer, fp, cache)
+    if text_kind and limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))  # (its fingerprint follows: datasets derives it from the selection)
+        fp = f"{fp}-{limit}"
     stats = {"num_rows": len(examples), "num_examples": len(ds), "num_truncated": 0, "num_dropped": 0,
              "num_tokens": _total_length(ds, "input_ids"), "num_response_tokens": _count_labelled(ds),
              "num_malformed": got.num_malformed, "num_dropped_tokens": 0, **extra}

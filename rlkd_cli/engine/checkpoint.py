@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlkd_cli import models
 from rlkd_cli.engine.step import Trainer
 from rlkd_cli.errors import RlkdError, require
-from rlkd_cli.io import atomic_write_json, atomic_write_text, first_line, publish_dir
+from rlkd_cli.io import atomic_write_json, atomic_write_text, first_line, publish_dir, write_error
 
 log = logging.getLogger("rlkd.engine")
 
@@ -87,7 +87,25 @@ def _skip_models_hook(models_, input_dir):
 
 def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: TrainState, keep_last: int,
          merge_adapter: bool = False) -> Path | None:
-    """Write ``checkpoints/step-N`` (every process must call it); return its path on process 0."""
+    """Write ``checkpoints/step-N`` (every process must call it); return its path on process 0.
+
+    A save that fails leaves the previous checkpoints as they were (the half folder is removed); a
+    full disk is one line saying so, whichever library's write noticed it.
+    """
+    tmp = Path(run_dir) / "checkpoints" / f".tmp-step-{state.step:06d}"
+    try:
+        return _save(run_dir, trainer, tokenizer=tokenizer, cfg=cfg, state=state, keep_last=keep_last,
+                     merge_adapter=merge_adapter)
+    except Exception as ex:
+        error = write_error(ex, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from ex
+        raise
+
+
+def _save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: TrainState, keep_last: int,
+          merge_adapter: bool) -> Path | None:
     rt = trainer.runtime
     root = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:06d}"

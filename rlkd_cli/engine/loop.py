@@ -97,9 +97,9 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                 if _due(state.step, tc.save_every, tc.max_steps):
                     save(cfg, run_dir, s, state)
                 if runtime.any(sigterm.is_set()):  # every process stops at the same step
-                    path = save(cfg, run_dir, s, state)
+                    summary = finish(cfg, run_dir, s, state, status="stopped", reason="SIGTERM")
                     log.warning("[%s] SIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
-                                s.label, path, state.step)
+                                s.label, summary["checkpoint"], state.step)
                     raise SystemExit(143)
             val = validate(s.trainer, s.val_batches, s.ks)
             metrics.write({"step": state.step, "split": "validation", **val})
@@ -292,14 +292,17 @@ def save(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState) -> Path | 
 
 
 def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, status: str,
-           val: dict[str, float] | None = None) -> dict[str, Any]:
-    """The last checkpoint and ``summary.json`` (``completed`` with final validation, or ``stopped``)."""
+           val: dict[str, float] | None = None, reason: str = "trainer.stop_after") -> dict[str, Any]:
+    """The last checkpoint and ``summary.json``: ``completed`` with the final validation, or ``stopped``
+    (``trainer.stop_after`` or SIGTERM; ``trainer.resume=auto`` continues it)."""
     tc, rt = cfg.trainer, s.trainer.runtime
     path = save(cfg, run_dir, s, state)
     summary: dict[str, Any] = {"command": cfg.get("command"), "status": status, "step": state.step,
                                "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
     if status == "stopped":
-        log.info("[%s] trainer.stop_after: stopped at step %d with checkpoint %s", s.label, state.step, path)
+        summary.update(reason=reason, resumable=True)
+        if reason != "SIGTERM":
+            log.info("[%s] %s: stopped at step %d with checkpoint %s", s.label, reason, state.step, path)
     else:
         val = val or {}
         teacher = s.trainer.teacher

@@ -24,7 +24,7 @@ def resolve(cfg: DictConfig, tokenizer, runtime):
     from rlkd_cli.teachers.live import LiveTeacher, load
 
     if cfg.teacher.get("cache"):
-        return TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer)
+        return TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, teacher_cfg=cfg.teacher)
     model, _ = load(cfg, tokenizer, runtime)
     split = bool(cfg.trainer.get("split_head", True)) and not runtime.sharded
     return LiveTeacher(model, len(tokenizer), split_head=split, name=models.describe(cfg.teacher))

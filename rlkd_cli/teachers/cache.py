@@ -115,7 +115,9 @@ class TeacherCache:
     # -- opening and checks ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, tokenizer=None) -> "TeacherCache":
+    def open(cls, path: str | os.PathLike, *, tokenizer=None, teacher_cfg: Any = None) -> "TeacherCache":
+        """A finished cache, checked against the run's tokenizer and, when ``teacher.name_or_path`` is set,
+        against that teacher (its signature must be the cache's)."""
         root = Path(os.path.expanduser(str(path)))
         require(root.is_dir(), f"teacher.cache '{path}' is not a folder; build one with rlkd cache-teacher "
                                "cache.out=PATH (same dataset and teacher settings as the distill run)")
@@ -138,6 +140,11 @@ class TeacherCache:
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != meta.get("tokenizer"):
             raise RlkdError(f"teacher cache '{path}' was built with another tokenizer ({meta.get('tokenizer_name')}); "
                             "distil with the tokenizer of the cache's teacher, or rebuild the cache")
+        named = teacher_cfg.get("name_or_path") if teacher_cfg is not None else None
+        if named and teacher_signature(str(named)) != meta.get("teacher_signature"):
+            raise RlkdError(f"teacher cache '{path}' was built from teacher {meta.get('teacher')}, not "
+                            f"teacher.name_or_path={named} (their signatures differ); drop teacher.name_or_path to "
+                            "distil from the cache, or rebuild the cache with this teacher (rlkd cache-teacher)")
         return cache
 
     def describe(self) -> str:
@@ -258,14 +265,23 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, st
         raise
 
 
-def _shard_complete(path: Path, n_examples: int) -> bool:
+def shard_identity(identity: dict[str, Any], split: str, fingerprint: str) -> str:
+    """What a shard must have been written with to be reused: the cache's settings, teacher, tokenizer and data."""
+    blob = json.dumps({"identity": identity, "split": split, "fingerprint": fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _shard_complete(path: Path, n_examples: int, identity: str = "") -> bool:
+    """A shard file of ``n_examples`` examples written with ``identity`` (its metadata says so); anything else,
+    a shard of another teacher or other data included, is rewritten. cache.json is not needed to tell."""
     if not path.is_file():
         return False
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice("offsets").get_shape()) == (n_examples + 1,)
+            same = (f.metadata() or {}).get("identity", "") == identity
+            return same and tuple(f.get_slice("offsets").get_shape()) == (n_examples + 1,)
     except Exception:
         return False
 
@@ -285,7 +301,7 @@ def cache_split(teacher: LiveTeacher, ds, *, out: Path, split: str, opts: dict[s
     for s in range(n_shards):
         lo, hi = s * per, min((s + 1) * per, n)
         path = out / split / shard_name(s)
-        if _shard_complete(path, hi - lo):
+        if _shard_complete(path, hi - lo, opts.get("identity", "")):
             done.append(s)
             if on_shard:
                 on_shard(split, s, n_shards, skipped=True)
@@ -314,7 +330,8 @@ def cache_split(teacher: LiveTeacher, ds, *, out: Path, split: str, opts: dict[s
                        "log_normalizer": torch.empty(0, len(temperatures)),
                        "tail_log_mass": torch.empty(0, len(temperatures))}
         tensors["offsets"] = torch.tensor([0] + np.cumsum(counts).tolist(), dtype=torch.int64)
-        _save_shard(path, tensors, {"split": split, "first_example": str(lo), "examples": str(hi - lo)})
+        _save_shard(path, tensors, {"split": split, "first_example": str(lo), "examples": str(hi - lo),
+                                    "identity": opts.get("identity", "")})
         positions += int(tensors["ids"].shape[0])
         done.append(s)
         if on_shard:
@@ -356,8 +373,12 @@ def _open_meta(target: Path, identity: dict[str, Any], split_ids: dict[str, dict
             raise RlkdError(f"{target} holds a teacher cache built with other settings ({', '.join(changed[:5])} "
                             "differ); choose another cache.out, or delete that folder to rebuild it")
     per = shard_examples
+    if not old and any(target.glob("*/shard-*.safetensors")):
+        log.warning("%s has shards but no readable %s: each shard is checked against this run's teacher, tokenizer, "
+                    "data and settings, and the others are rewritten", target, META)
     missing = [(n, i) for n, v in split_ids.items() for i in range(-(-v["num_examples"] // per))
-               if not _shard_complete(target / n / shard_name(i), min(per, v["num_examples"] - i * per))]
+               if not _shard_complete(target / n / shard_name(i), min(per, v["num_examples"] - i * per),
+                                      shard_identity(identity, n, v["fingerprint"]))]
     new_entries = {n: {**v, "num_shards": -(-v["num_examples"] // per),
                        "shards_done": [i for i in range(-(-v["num_examples"] // per)) if (n, i) not in missing]}
                    for n, v in split_ids.items()}
@@ -372,7 +393,8 @@ def _open_meta(target: Path, identity: dict[str, Any], split_ids: dict[str, dict
 
 
 def _write(teacher: LiveTeacher, splits: dict[str, Any], target: Path, meta: dict[str, Any], old: dict[str, Any],
-           opts: dict[str, Any], temperatures: tuple[float, ...], chunk: int, pad: int, runtime) -> dict[str, int]:
+           opts: dict[str, Any], temperatures: tuple[float, ...], chunk: int, pad: int, runtime,
+           identity: dict[str, Any]) -> dict[str, int]:
     """Write every missing shard, keeping cache.json up to date; ``{"new": n, "skipped": m}``."""
     meta_path = target / META
     if meta["status"] != "complete" or meta != old:
@@ -385,7 +407,8 @@ def _write(teacher: LiveTeacher, splits: dict[str, Any], target: Path, meta: dic
             log.info("%s shard %d/%d written", split, s + 1, total)
 
     for name, split in splits.items():
-        entry = cache_split(teacher, split.dataset, out=target, split=name, opts=opts, temperatures=temperatures,
+        split_opts = {**opts, "identity": shard_identity(identity, name, split.fingerprint)}
+        entry = cache_split(teacher, split.dataset, out=target, split=name, opts=split_opts, temperatures=temperatures,
                             chunk=chunk, pad_token_id=pad, runtime=runtime, on_shard=on_shard)
         meta["splits"][name].update(entry)
         if meta["status"] != "complete":
@@ -431,7 +454,8 @@ def build(cfg: DictConfig, out_dir: Path, *, runtime, tokenizer) -> dict[str, An
         log.info("caching the top-%d logits of teacher %s over %s (%s) into %s", identity["top_k"], meta["teacher"],
                  ", ".join(f"{n}: {len(s.dataset)} examples" for n, s in splits.items()),
                  ", ".join(f"T={t:g}" for t in temperatures), target)
-        written = _write(teacher, splits, target, meta, old, opts, temperatures, chunk, pad_id(tokenizer), runtime)
+        written = _write(teacher, splits, target, meta, old, opts, temperatures, chunk, pad_id(tokenizer), runtime,
+                         identity)
     size = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
     summary = {"command": "cache-teacher", "status": "completed", "cache": str(target), "top_k": identity["top_k"],
                "temperatures": list(temperatures), "dtype": opts["dtype"], "device": runtime.device_name,
