@@ -42,6 +42,8 @@ HYDRA_COMMANDS = {
                                                "against the teacher."),
     "evaluate": ("evaluate", "Downstream metrics (accuracy, ROUGE-L, perplexity) of a model or checkpoints, or of a "
                              "predictions file."),
+    "generate": ("generate", "Write a model's responses to a dataset's prompts as JSON Lines (dataset=jsonl reads them "
+                             "back: offline SeqKD, or samples to inspect)."),
 }
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlkd_cli.errors import RlkdError
 
-GROUPS = ("teacher", "student", "dataset", "loss", "trainer", "logger", "experiment")
+GROUPS = ("teacher", "student", "dataset", "loss", "trainer", "logger", "rollout", "model", "experiment")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -75,61 +76,122 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, max_prompt_tokens: int 
     return out, truncated
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How continuations are drawn: greedy (``do_sample=False``), or temperature / nucleus (``top_p``) / top-k
+    sampling (``top_k=0``: no top-k cut)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": float(self.temperature), "top_p": float(self.top_p),
+                "top_k": int(self.top_k)}
+
+
+class HFGenerator:
+    """Generation with ``transformers``' ``model.generate``: batched, KV cache, left padding, per-row EOS stop.
+
+    The seam for a faster generator (e.g. vLLM for large on-policy runs) is this class's one method:
+    :meth:`continuations` takes token-id prompts and returns token-id continuations; nothing else in
+    rlkd calls ``model.generate``.
+    """
+
+    name = "hf"
+
+    @torch.no_grad()
+    def continuations(self, model, prompts: Sequence[Sequence[int]], *, pad: int, stops: Sequence[int],
+                      sampling: Sampling) -> list[tuple[list[int], bool]]:
+        """``(tokens up to and including the first stop id, whether it stopped)`` for each prompt, in order.
+
+        Runs under ``no_grad`` with the model in eval mode (dropout off), restored to its mode after; the
+        prompts are left-padded into one batch with an attention mask (``generate`` derives the position
+        ids from it, so a padded row computes what it would alone). Sampling draws from torch's global RNG.
+        """
+        if not prompts:
+            return []
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), int(pad), dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for j, ids in enumerate(prompts):
+            input_ids[j, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+            attention_mask[j, width - len(ids):] = 1
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=int(sampling.max_new_tokens), pad_token_id=int(pad),
+                                 eos_token_id=list(stops), use_cache=True, num_beams=1, **sampling.kwargs())
+        finally:
+            model.train(was_training)
+        results = []
+        stop_set = set(int(t) for t in stops)
+        for tokens in out[:, width:].tolist():
+            cut = next((k for k, t in enumerate(tokens) if t in stop_set), None)
+            results.append((tokens[:cut + 1], True) if cut is not None else (tokens, False))
+        return results
+
+
+GENERATORS = {"hf": HFGenerator}
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids generation stops at (:func:`_stop_ids`)."""
+    return _stop_ids(model, tokenizer)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              max_prompt_tokens: int | None = None, progress=None) -> list[str]:
     """Continuations of ``prompts`` (in order), decoded without the prompt and cut at the first eos.
 
     Prompts are encoded as in training (:func:`encode_prompts`), sorted by length, left-padded into
-    batches of ``batch_size`` with an attention mask (generate derives position ids from it, so a
-    padded row computes what it would alone) and continued with ``model.generate`` and its KV cache
-    for at most ``max_new_tokens`` tokens, stopping a row at eos. Greedy unless ``do_sample`` (then
-    temperature and nucleus ``top_p`` sampling, no top-k, seeded with ``seed``). The decoded
-    continuation has special tokens skipped and surrounding whitespace stripped.
+    batches of ``batch_size`` and continued by :class:`HFGenerator` for at most ``max_new_tokens``
+    tokens, stopping a row at eos. Greedy unless ``do_sample`` (then temperature, nucleus ``top_p``
+    and ``top_k`` sampling, seeded with ``seed``). The decoded continuation has special tokens
+    skipped and surrounding whitespace stripped.
     """
-    require(batch_size >= 1 and max_new_tokens >= 1, "generate needs batch_size >= 1 and max_new_tokens >= 1")
+    return [text for text, _, _ in generate_rows(model, tokenizer, prompts, batch_size=batch_size,
+                                                  sampling=Sampling(max_new_tokens, do_sample, temperature, top_p,
+                                                                    top_k),
+                                                  seed=seed, max_prompt_tokens=max_prompt_tokens, progress=progress)]
+
+
+@torch.no_grad()
+def generate_rows(model, tokenizer, prompts: Sequence[str], *, batch_size: int, sampling: Sampling, seed: int = 0,
+                  max_prompt_tokens: int | None = None, progress=None) -> list[tuple[str, bool, int]]:
+    """:func:`generate`'s continuations with, for each, whether it ended at eos and its number of tokens."""
+    require(batch_size >= 1 and sampling.max_new_tokens >= 1,
+            "generate needs batch_size >= 1 and max_new_tokens >= 1")
     if not prompts:
         return []
-    device = next(model.parameters()).device
     ids, truncated = encode_prompts(tokenizer, prompts, max_prompt_tokens=max_prompt_tokens)
     if truncated:
         log.warning("%d of %d prompts were longer than %d tokens and were cut from the left", truncated,
                     len(prompts), max_prompt_tokens)
     pad, stops = pad_id(tokenizer), _stop_ids(model, tokenizer)
-    kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "pad_token_id": pad, "eos_token_id": stops,
-                              "use_cache": True, "num_beams": 1}
-    if do_sample:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+    if sampling.do_sample:
         torch.manual_seed(int(seed))
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(int(seed))
-    else:
-        kwargs.update(do_sample=False)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    outputs: list[str] = [""] * len(ids)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                n = len(ids[i])
-                input_ids[j, width - n:] = torch.tensor(ids[i], dtype=torch.long)
-                attention_mask[j, width - n:] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-            new = out[:, width:].tolist()
-            for j, i in enumerate(rows):
-                tokens = new[j]
-                cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
-                outputs[i] = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
-            if progress is not None:
-                progress(len(rows))
-    finally:
-        model.train(was_training)
+    outputs: list[tuple[str, bool, int]] = [("", False, 0)] * len(ids)
+    generator = HFGenerator()
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        for i, (tokens, ended) in zip(rows, generator.continuations(model, [ids[i] for i in rows], pad=pad,
+                                                                     stops=stops, sampling=sampling)):
+            body = tokens[:-1] if ended else tokens
+            outputs[i] = (tokenizer.decode(body, skip_special_tokens=True).strip(), ended, len(tokens))
+        if progress is not None:
+            progress(len(rows))
     return outputs
 
 

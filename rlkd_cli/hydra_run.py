@@ -346,6 +346,8 @@ def _continues(config, run_dir: Path) -> bool:
         return bool((config.get("trainer") or {}).get("resume"))
     if command == "cache-teacher":  # an unfinished cache is finished by the same command in the same dir
         return set(rundir.holds_run(run_dir)) <= {"teacher_cache", "summary.json"}
+    if command == "generate":
+        return bool(config.get("resume"))
     return False
 
 

@@ -139,7 +139,7 @@ def _read_settings(run_dir: Path) -> dict[str, str]:
 
 def _summary_metrics(summary: dict) -> dict[str, float]:
     return {k: float(v) for k, v in summary.items()
-            if (k.startswith(("cr@", "or@", "loss/")) or k in ("val_loss", "val_ppl")) and _finite(v)}
+            if (k.startswith(("cr@", "or@", "loss/", "rollout/")) or k in ("val_loss", "val_ppl")) and _finite(v)}
 
 
 def _results_metrics(results: dict) -> dict[str, float]:

@@ -23,7 +23,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from rlkd_cli.errors import RlkdError, require
 
@@ -159,6 +159,24 @@ class LoggerConfig:
 
 
 @dataclass
+class RolloutConfig:
+    name: str = _f("off", choices=("off", "student", "mixed", "adaptive", "teacher"))
+    lmbda: float = _f(0.0, ge=0, le=1)
+    max_new_tokens: int = _f(64, ge=1)
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = _f(1.0, gt=0, le=1)
+    top_k: int = _f(0, ge=0)
+    every: int = _f(1, ge=1)
+    buffer_size: int = _f(0, ge=0)
+    replay_ratio: float = _f(0.5, ge=0, le=1)
+    increase: float = _f(0.1, ge=0, le=1)
+    max_share: float = _f(1.0, ge=0, le=1)
+    loss_eps: float = _f(0.0, ge=0)
+    generator: str = _f("hf", choices=("hf",))
+
+
+@dataclass
 class CacheConfig:
     out: Optional[str] = None
     top_k: int = _f(64, ge=1)
@@ -212,13 +230,20 @@ class TrainConfig(CommonConfig):
 
 
 @dataclass
+class ModelChoice:
+    role: str = _f("teacher", choices=("teacher", "student"))
+    name_or_path: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
 class SftConfig(TrainConfig):
-    model: str = _f("teacher", choices=("teacher", "student"))
+    model: ModelChoice = field(default_factory=ModelChoice)
 
 
 @dataclass
 class DistillConfig(TrainConfig):
-    pass
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -250,8 +275,33 @@ class EvaluateConfig(CommonConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class GenerationConfig:
+    batch_size: int = _f(16, ge=1)
+    max_new_tokens: int = _f(128, ge=1)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = _f(1.0, gt=0, le=1)
+    top_k: int = _f(0, ge=0)
+    seed: int = 0
+
+
+@dataclass
+class GenerateConfig(CommonConfig):
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelChoice = field(default_factory=ModelChoice)
+    checkpoints: List[str] = _f([])
+    split: str = _f("train", choices=("train", "validation", "test"))
+    resume: bool = False
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
 COMMANDS: dict[str, type] = {"sft": SftConfig, "distill": DistillConfig, "cache-teacher": CacheTeacherConfig,
-                             "measure-alignment": MeasureConfig, "evaluate": EvaluateConfig}
+                             "measure-alignment": MeasureConfig, "evaluate": EvaluateConfig,
+                             "generate": GenerateConfig}
 
 
 def register() -> None:
@@ -411,6 +461,23 @@ def _check_trainer(tc: dict[str, Any]) -> None:
             f"choose one of {', '.join(names)}")
 
 
+def check_rollout(rc: Mapping[str, Any], *, teacher_cache: bool, dataset_kind: str, sharded: bool = False) -> None:
+    """What a rollout setting cannot be combined with, as one line naming the keys."""
+    name = str(rc.get("name", "off"))
+    if name == "off":
+        return
+    require(not teacher_cache, f"rollout={name} trains on generated responses, but teacher.cache holds the teacher's "
+                               "logits for the dataset's responses only; drop teacher.cache (a live teacher scores "
+                               "the generated tokens), or use rollout=off")
+    require(dataset_kind != "text", f"rollout={name} generates responses to prompts, and dataset kind 'text' has no "
+                                    "prompts; use a prompt/response data set or rollout=off")
+    require(not sharded, f"rollout={name} generates with the whole student on each process; FSDP/DeepSpeed shard it, "
+                         "so use DDP (accelerate launch --multi_gpu) or rollout=off")
+    if rc.get("do_sample", True):
+        require(float(rc.get("temperature", 1.0)) > 0, f"rollout.temperature must be > 0 when sampling, got "
+                f"{rc.get('temperature')}; use rollout.do_sample=false for greedy decoding")
+
+
 def validate(cfg: Any) -> None:
     """Check a composed command config (see the module docstring); raise :class:`RlkdError` on the first problem."""
     from omegaconf import OmegaConf
@@ -421,6 +488,13 @@ def validate(cfg: Any) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     plain.pop("hydra", None)
     check(plain, schema, "")
+    if "rollout" in plain:
+        check_rollout(plain["rollout"], teacher_cache=bool((plain.get("teacher") or {}).get("cache")),
+                      dataset_kind=str((plain.get("dataset") or {}).get("kind", "prompt_response")))
+    gen = plain.get("generation") or {}
+    if gen.get("do_sample") and not float(gen.get("temperature", 1.0)) > 0:
+        raise RlkdError(f"generation.temperature must be > 0 when sampling, got {gen.get('temperature')}; use "
+                        "generation.do_sample=false for greedy decoding")
     if "trainer" in plain:
         _check_trainer(plain["trainer"])
         teacher = plain.get("teacher") or {}

@@ -111,6 +111,13 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     out["empty_responses"] = root / "empty-responses.jsonl"
     out["empty_responses"].write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    # a tokenizer without an eos token (generation could never stop)
+    from transformers import PreTrainedTokenizerFast
+
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=other_tok.backend_tokenizer, pad_token="<|pad|>")
+    out["no_eos"] = root / "no-eos-tokenizer"
+    no_eos.save_pretrained(out["no_eos"])
+
     # a finished run dir (reusing it without resume must be refused), and its last checkpoint (a model folder with
     # the embedded tokenizer)
     out["finished"] = checkpoint.parent.parent
@@ -250,6 +257,19 @@ CASES = [
      "trainer.betas must be a list of numbers (each >= 0 and < 1), got 1.5"),
     ("rundir-with-spaces", "distill", ["hydra.run.dir={tmp}/my runs/ä"], "quote a value with spaces"),
     ("rundir-empty", "distill", ["hydra.run.dir="], "hydra.run.dir is empty"),
+    # on-policy distillation (issue 13)
+    ("rollout-lmbda", "distill", ["rollout=mixed", "rollout.lmbda=1.5"],
+     "rollout.lmbda must be a finite number >= 0 and <= 1, got 1.5"),
+    ("rollout-max-new-tokens", "distill", ["rollout=student", "rollout.max_new_tokens=0"],
+     "rollout.max_new_tokens must be >= 1, got 0"),
+    ("rollout-temperature", "distill", ["rollout=student", "rollout.temperature=0"],
+     "rollout.temperature must be > 0 when sampling"),
+    ("rollout-top-p", "distill", ["rollout=student", "rollout.top_p=1.5"],
+     "rollout.top_p must be a finite number > 0 and <= 1, got 1.5"),
+    ("rollout-no-eos", "distill", ["rollout=student", "tokenizer.name_or_path={no_eos}"], "has no eos token"),
+    ("rollout-with-cache", "distill", ["rollout=student", "teacher.cache={small_cache}"],
+     "rollout=student trains on generated responses, but teacher.cache"),
+    ("generate-untrained-student", "generate", ["model=student"], "the student config is an untrained arch spec"),
 ]
 
 
@@ -284,7 +304,7 @@ def test_bad_input_gets_one_clear_line(case_id, command, args, expected, files, 
         _enospc(monkeypatch)
     if case_id == "disk-full-torch":
         _torch_disk_full(monkeypatch)
-    if command in ("distill", "cache-teacher", "sft"):
+    if command in ("distill", "cache-teacher", "sft", "generate"):
         base = QUICK_NO_DATA if any(a.startswith("dataset=") for a in args) else QUICK
     else:
         base = TEACHER_ONLY

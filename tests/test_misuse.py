@@ -310,7 +310,7 @@ def tiny_disk(tmp_path):
                                            capture_output=True).returncode != 0:
         pytest.skip("a small tmpfs cannot be mounted here (needs root)")
     yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # lazy: a log handler may still hold a file
 
 
 @pytest.mark.slow

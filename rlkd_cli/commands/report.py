@@ -43,7 +43,7 @@ def print_table(rows: list[dict[str, Any]], param_keys: list[str], console) -> N
     from rich.table import Table
 
     # val_loss is not comparable across loss mixes: the console shows the perplexity (report.md has both)
-    keys = [k for k in _main_keys(rows) if not k.startswith("loss/") and k != "val_loss"]
+    keys = [k for k in _main_keys(rows) if not k.startswith(("loss/", "rollout/")) and k != "val_loss"]
     header, cells = _table(rows, keys, param_keys)
     table = Table(title="rlkd report: final metrics (mean ± std over seeds)")
     for h in header:

@@ -14,7 +14,9 @@ from rlkd_cli.runtime import Runtime
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     schema.validate(cfg)
-    role = str(cfg.model)
+    role = str(cfg.model.role)
+    if cfg.model.get("name_or_path"):  # model.name_or_path=X: fine-tune that folder in the role's place
+        cfg[role].name_or_path = cfg.model.name_or_path
     runtime = Runtime.create(cfg.trainer)
     tokenizer = tok_mod.for_run(cfg, [(role, cfg[role])])
     if cfg[role].get("name_or_path"):

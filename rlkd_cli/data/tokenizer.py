@@ -214,7 +214,7 @@ def for_run(cfg, model_cfgs: list):
         return load_tokenizer(str(cfg.tokenizer.name_or_path), config_key="tokenizer.name_or_path")
     for role, mc in model_cfgs:
         if mc is not None and mc.get("name_or_path"):
-            return load_tokenizer(str(mc.name_or_path), config_key=f"{role}.name_or_path")
+            return load_tokenizer(str(mc.get("name_or_path")), config_key=f"{role}.name_or_path")
     return embedded_tokenizer(Path(os.path.expanduser(str(cfg.cache_dir))), int(cfg.tokenizer.vocab_size))
 
 

@@ -26,9 +26,9 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -62,7 +62,6 @@ class TrainState:
     train_time_s: float = 0.0
     data_fingerprint: str = ""   # of the training split (a resume on other data is refused)
     sharded: bool = False        # written by an FSDP / DeepSpeed run
-    rollout: dict[str, Any] = field(default_factory=dict)  # the rollout source's state (on-policy runs)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
@@ -86,7 +85,7 @@ def _skip_models_hook(models_, input_dir):
 
 
 def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: TrainState, keep_last: int,
-         merge_adapter: bool = False) -> Path | None:
+         merge_adapter: bool = False, extra: Callable[[Path], None] | None = None) -> Path | None:
     """Write ``checkpoints/step-N`` (every process must call it); return its path on process 0.
 
     A save that fails leaves the previous checkpoints as they were (the half folder is removed); a
@@ -95,7 +94,7 @@ def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: 
     tmp = Path(run_dir) / "checkpoints" / f".tmp-step-{state.step:06d}"
     try:
         return _save(run_dir, trainer, tokenizer=tokenizer, cfg=cfg, state=state, keep_last=keep_last,
-                     merge_adapter=merge_adapter)
+                     merge_adapter=merge_adapter, extra=extra)
     except Exception as ex:
         error = write_error(ex, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,7 +104,7 @@ def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: 
 
 
 def _save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: TrainState, keep_last: int,
-          merge_adapter: bool) -> Path | None:
+          merge_adapter: bool, extra: Callable[[Path], None] | None) -> Path | None:
     rt = trainer.runtime
     root = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:06d}"
@@ -114,6 +113,8 @@ def _save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     rt.barrier()
+    if extra is not None:  # every process's own state beside the model (the rollout source's, for instance)
+        extra(tmp)
     handle = rt.accelerator.register_save_state_pre_hook(_skip_weights_hook) if not rt.sharded else None
     try:
         rt.accelerator.save_state(str(tmp / STATE_DIR))

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlkd_cli import models
+from rlkd_cli import models, rollout
 from rlkd_cli.data import dataset as data_mod
 from rlkd_cli.data import loader as loader_mod
 from rlkd_cli.engine import checkpoint, rundir
@@ -80,12 +81,14 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                 if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
                     return finish(cfg, run_dir, s, state, status="stopped")
                 log_step = (state.step + 1) % int(tc.log_every) == 0 or state.step + 1 == int(tc.max_steps)
-                result = train_step(s.trainer, s.batches.next(state),
-                                    align_ks=s.ks if log_step and teacher is not None else None)
+                t0 = time.perf_counter()
+                batches = s.batches.next(state)  # the dataset's, or generated (rollout)
+                result = train_step(s.trainer, batches, align_ks=s.ks if log_step and teacher is not None else None)
+                result.seconds = time.perf_counter() - t0  # the whole step, generation included
                 advance(state, result, max_bad=int(tc.max_bad_steps), metrics=metrics)
                 window.add(result)
                 if log_step:
-                    record = window.record(state, s.trainer)
+                    record = window.record(state, s.trainer, s.batches)
                     metrics.write(record)
                     bar.update(state.step, record)
                 else:
@@ -94,6 +97,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                     val = validate(s.trainer, s.val_batches, s.ks)
                     metrics.write({"step": state.step, "split": "validation", **val})
                     bar.update(state.step, val, validation=True)
+                    getattr(s.batches, "on_validation", lambda v: None)(val)
                 if _due(state.step, tc.save_every, tc.max_steps):
                     save(cfg, run_dir, s, state)
                 if runtime.any(sigterm.is_set()):  # every process stops at the same step
@@ -149,8 +153,13 @@ def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource |
     loader, sampler = loader_mod.train_loader(train_split.dataset, micro_batch=micro, seed=int(cfg.seed),
                                               rank=runtime.rank, world=runtime.world, pad_token_id=pad)
     val_batches = loader_mod.eval_batches(val_split.dataset, batch_size=micro, pad_token_id=pad)
-    return Setup(trainer=trainer, tokenizer=tokenizer, train=train_split, val_batches=val_batches,
-                 batches=DatasetBatches(loader, sampler, int(tc.grad_accum)), ks=ks, role=role, label=label)
+    rc = cfg.get("rollout") or {"name": "off"}
+    rollout.check(rc, teacher_cache=teacher is not None and not hasattr(teacher, "model"),
+                  dataset_kind=str(cfg.dataset.kind), sharded=runtime.sharded)
+    batches = rollout.make_source(rc, DatasetBatches(loader, sampler, int(tc.grad_accum)), trainer=trainer,
+                                  tokenizer=tokenizer, seed=int(cfg.seed), max_length=int(cfg.dataset.max_length))
+    return Setup(trainer=trainer, tokenizer=tokenizer, train=train_split, val_batches=val_batches, batches=batches,
+                 ks=ks, role=role, label=label)
 
 
 def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
@@ -176,6 +185,8 @@ def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
                                 "trained on, or set trainer.force_resume=true")
             state.data_fingerprint = s.train.fingerprint
             s.batches.load_state(state)
+            if hasattr(s.batches, "load"):
+                s.batches.load(ckpt, rt.rank)
             log.info("[%s] resumed from %s at step %d", s.label, ckpt, state.step)
             if rt.is_main:
                 rundir.trim_metrics(run_dir, state.step)
@@ -246,11 +257,13 @@ class _Window:
         self.seconds += r.seconds
         self.grad_norm = r.grad_norm
 
-    def record(self, state: TrainState, trainer: Trainer) -> dict[str, Any]:
+    def record(self, state: TrainState, trainer: Trainer, batches: Any = None) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": state.step, "split": "train",
                                **{k: v / max(self.steps, 1) for k, v in self.sums.items()}}
         if self.align:
             rec.update(finalize(self.align))
+        if hasattr(batches, "stats"):  # on-policy runs: what was generated in this window
+            rec.update(batches.stats(self.seconds))
         rec.update({"lr": trainer.lr, "grad_norm": self.grad_norm,
                     "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
                     "positions_per_s": self.positions / max(self.seconds, 1e-9),
@@ -285,8 +298,13 @@ def save(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState) -> Path | 
     """A checkpoint of this step (once per step: a SIGTERM right after a scheduled save reuses it)."""
     if s.saved is not None and s.saved[0] == state.step:
         return s.saved[1]
+    extra = None
+    if hasattr(s.batches, "save"):  # a rollout source's RNG, replay buffer and reused batches, per process
+        def extra(folder: Path) -> None:
+            s.batches.save(folder, s.trainer.runtime.rank)
     path = checkpoint.save(run_dir, s.trainer, tokenizer=s.tokenizer, cfg=cfg, state=state,
-                           keep_last=int(cfg.trainer.keep_last), merge_adapter=bool(cfg.trainer.get("merge_adapter")))
+                           keep_last=int(cfg.trainer.keep_last), merge_adapter=bool(cfg.trainer.get("merge_adapter")),
+                           extra=extra)
     s.saved = (state.step, path)
     return path
 
@@ -314,7 +332,10 @@ def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, statu
             "train_time_s": round(state.train_time_s, 3), "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
             **{k: v for k, v in val.items() if k.startswith(("cr@", "or@", "loss/"))},
             "train_examples": s.train.stats.get("num_examples"), "train_truncated": s.train.stats.get("num_truncated"),
+            "rollout": str((cfg.get("rollout") or {}).get("name", "off")),
         })
+        if hasattr(s.batches, "stats"):
+            summary.update(s.batches.stats(state.train_time_s, total=True))
         log.info("[%s] done: %s", s.label, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                                    if isinstance(v, float) and k.startswith(("cr@", "or@", "val_"))
                                                    and "|" not in k))

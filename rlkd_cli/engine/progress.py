@@ -74,6 +74,21 @@ class Progress:
             else:
                 log.info("%s", self.line(step, record))
 
+    def count(self, done: int) -> None:
+        """Counting progress (items, not training steps): the bar, or a plain line every tenth of the total."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+            return
+        if done >= getattr(self, "_next", 0) or done >= self.total:
+            elapsed = time.perf_counter() - self.t0
+            moved = max(done - self.start, 0)
+            eta = elapsed / moved * (self.total - done) if moved else float("nan")
+            log.info("[%s] %d/%d | %s elapsed, ETA %s", self.label, done, self.total, _clock(elapsed),
+                     _clock(eta) if eta == eta else "?")
+            self._next = done + max(self.total // 10, 1)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()

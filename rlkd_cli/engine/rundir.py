@@ -32,7 +32,7 @@ LOCK = ".rlkd.lock"
 OWNER = ".rlkd-owner.json"
 #: Files and folders that mean "a run already wrote here".
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints", "results.json", "alignment.json", "predictions.jsonl",
-               "teacher_cache", "generations.jsonl")
+               "teacher_cache", "generations.jsonl", "generations")
 
 _CLAIMED: dict[str, object] = {}  # run dirs this process holds -> their lock
 

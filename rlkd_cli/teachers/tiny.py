@@ -2,7 +2,8 @@
 
 A teacher config with ``arch`` (and no ``name_or_path``) names a model that must be trained before
 it can teach: its ``train_if_missing`` block holds the ``trainer`` settings with which it is trained,
-on the run's dataset, with cross-entropy, by the same engine as ``rlkd sft``. The result is cached
+on the run's dataset (all of it: ``dataset.limit`` is the run's, not its teacher's), with
+cross-entropy, by the same engine as ``rlkd sft``. The result is cached
 under ``<cache_dir>/teachers/<name>-<key>``, the key hashing everything that decides its weights:
 the architecture, the whole training config, the dataset config, the seed and the tokenizer in use
 (its fingerprint, not its config), so another tokenizer never reuses a teacher trained on other ids.
@@ -57,7 +58,8 @@ def training_config(cfg: DictConfig) -> DictConfig:
         "tokenizer": cfg.tokenizer,
         "metrics": cfg.metrics,
         "teacher": {k: v for k, v in cfg.teacher.items() if k not in ("train_if_missing", "cache")},
-        "dataset": cfg.dataset,
+        # the task's whole training data: dataset.limit chooses what a run uses, not what its teacher learned
+        "dataset": OmegaConf.merge(cfg.dataset, {"limit": None}),
         "loss": load_group_option("loss", "ce"),
         "trainer": trainer,
         "logger": {"name": "jsonl"},
