@@ -72,6 +72,9 @@ def _format_validation(ex, command: str) -> str | None:
     if m:
         words = schema.expected(command, field) or _TYPE_NAMES.get(m.group(3), m.group(3))
         return f"{field} must be {words}, got {m.group(1)!r}"
+    m = re.match(r"Value '(.*)' is not a valid bool", msg)
+    if m:
+        return f"{field} must be true or false, got {m.group(1)!r}"
     m = re.match(r"Invalid value assigned: (\w+) is not a ListConfig, list or tuple", msg)
     if m:
         words = schema.expected(command, field) or "a list"

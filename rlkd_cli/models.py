@@ -7,6 +7,14 @@ A model config (``conf/teacher/*.yaml``, ``conf/student/*.yaml``) takes either
 - ``arch``: keyword arguments of a transformers config (``model_type`` plus sizes) for a model built
   from scratch, its vocabulary sized to the tokenizer.
 
+A student config's ``peft`` block (``r``, ``alpha``, ``dropout``, ``target_modules``) turns the
+student into a LoRA model (:func:`apply_peft`, with ``peft``): only the adapters train, the base
+weights and the LM head stay frozen. A LoRA checkpoint folder holds the adapter
+(``adapter_config.json``, ``adapter_model.safetensors``: plain ``peft`` loads it), the base model's
+``config.json``, the base weights in ``base/`` when the base has no other source (a student built
+from an ``arch`` spec), and with ``merge_adapter`` the merged model in ``merged/``. Every loader here
+(:func:`load_pretrained`, :func:`load_weights`) accepts such a folder.
+
 A teacher built from an ``arch`` spec must be trained before it can teach: :mod:`rlkd_cli.teachers.tiny`
 does that on first use. This module depends on nothing else in rlkd but its error type: it is what
 every other part uses to load, build, save and check models.
@@ -58,6 +66,8 @@ def load_pretrained(name_or_path: str, *, role: str, dtype: torch.dtype | None =
     from transformers import AutoModelForCausalLM
 
     path = Path(os.path.expanduser(str(name_or_path)))
+    if is_adapter(path):
+        return load_adapter_model(path, role=role, dtype=dtype, trust_remote_code=trust_remote_code)
     if _looks_local(str(name_or_path)) and not path.exists():
         raise RlkdError(f"{role} model folder '{name_or_path}' does not exist; set {role}.name_or_path to a "
                         "model folder (saved with save_pretrained) or a hub id")
@@ -154,8 +164,15 @@ def is_complete_model(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any((path / f).is_file() for f in _WEIGHT_FILES)
 
 
-def save_model(model, folder: Path, *, state_dict: dict | None = None, merge_adapter: bool = False) -> None:
-    """``save_pretrained`` into ``folder`` as one safetensors file (the full ``state_dict`` of a sharded run)."""
+def save_model(model, folder: Path, *, state_dict: dict | None = None, merge_adapter: bool = False,
+               base_source: str | None = None) -> None:
+    """``save_pretrained`` into ``folder`` as one safetensors file (the full ``state_dict`` of a sharded run).
+
+    A LoRA model saves its adapter (see the module docstring): ``base_source`` is where its base
+    weights come from (the student's ``name_or_path``); ``None`` writes them into ``folder/base``.
+    """
+    if is_peft(model):
+        return save_adapter_model(model, Path(folder), merge=merge_adapter, base_source=base_source)
     model.save_pretrained(folder, state_dict=state_dict, max_shard_size="1000GB")
 
 
@@ -164,6 +181,11 @@ def load_weights(model, folder: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if is_peft(model):
+        return load_adapter_weights(model, folder)
+    require((Path(folder) / "model.safetensors").is_file() or not is_adapter(folder),
+            f"checkpoint {folder} holds a LoRA adapter but this run's student is not a LoRA model; resume with "
+            "the checkpoint's student.peft settings")
     try:
         weights = load_file(str(Path(folder) / "model.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -176,6 +198,134 @@ def load_weights(model, folder: Path) -> None:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
     if tied:
         model.tie_weights()
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA students (peft)
+# ----------------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_peft(model) -> bool:
+    """Whether ``model`` is a ``peft`` model (a LoRA student)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def is_adapter(path: Path) -> bool:
+    """Whether ``path`` is a folder holding a ``peft`` adapter (``adapter_config.json``)."""
+    return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def apply_peft(model, peft_cfg: Any, *, seed: int = 0, role: str = "student"):
+    """Wrap ``model`` in LoRA adapters per ``peft_cfg`` (``r: null``: ``model`` unchanged, full fine-tuning).
+
+    The adapters are initialised from ``seed`` (``B = 0``, so the wrapped model computes what the
+    base does); every base weight, the embeddings and the LM head are frozen.
+    """
+    pc = OmegaConf.to_container(peft_cfg, resolve=True) if isinstance(peft_cfg, DictConfig) else dict(peft_cfg or {})
+    if not pc.get("r"):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    require(int(pc["r"]) > 0, f"{role}.peft.r must be a positive rank, got {pc['r']}; or null for full fine-tuning")
+    targets = pc.get("target_modules", "all-linear")
+    config = LoraConfig(r=int(pc["r"]), lora_alpha=float(pc.get("alpha", 16)), lora_dropout=float(pc.get("dropout", 0)),
+                        target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
+                        task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            wrapped = get_peft_model(model, config)
+        except ValueError as e:  # target modules that match nothing in this architecture
+            raise RlkdError(f"cannot apply LoRA to the {role}: {_first_line(e)}; set {role}.peft.target_modules to "
+                            "module names of this model (e.g. [q_proj,v_proj]) or all-linear") from e
+    return wrapped
+
+
+def enable_gradient_checkpointing(model, *, role: str = "student") -> None:
+    """Recompute each decoder layer's activations in backward (``trainer.gradient_checkpointing``): the
+    same loss and gradients, less memory, one more forward's time. Non-reentrant, so LoRA works too."""
+    require(getattr(model, "supports_gradient_checkpointing", False) or is_peft(model),
+            f"trainer.gradient_checkpointing: the {role} ({type(model).__name__}) does not support it; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameters (shared tensors counted once)."""
+    seen: dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
+    return (sum(p.numel() for p in seen.values() if p.requires_grad), sum(p.numel() for p in seen.values()))
+
+
+def save_adapter_model(model, folder: Path, *, merge: bool, base_source: str | None) -> None:
+    """The adapter, the base's ``config.json``, the base weights (``base/``) when needed, ``merged/`` when asked."""
+    base = model.get_base_model()
+    config = model.peft_config["default"]
+    keep = config.base_model_name_or_path
+    config.base_model_name_or_path = base_source or str(folder.resolve().parent / folder.name.removeprefix(".tmp-")
+                                                        / "base")
+    try:
+        model.save_pretrained(folder, save_embedding_layers=False)  # LoRA leaves the embeddings frozen
+    finally:
+        config.base_model_name_or_path = keep
+    base.config.save_pretrained(folder)
+    import copy
+
+    if base_source is None:  # a base built from an arch spec: its (frozen) weights have no other source
+        copy.deepcopy(model).unload().save_pretrained(folder / "base", max_shard_size="1000GB")
+    if merge:
+        copy.deepcopy(model).merge_and_unload().save_pretrained(folder / "merged", max_shard_size="1000GB")
+
+
+def load_adapter_model(folder: Path, *, role: str, dtype: torch.dtype | None = None,
+                       trust_remote_code: bool = False, merge: bool = True):
+    """A LoRA checkpoint as a model: its base (``folder/base``, else the adapter's ``base_model_name_or_path``)
+    with the adapter loaded, merged into the weights unless ``merge=False``."""
+    import json
+
+    from peft import PeftModel
+
+    folder = Path(folder)
+    require((folder / ADAPTER_WEIGHTS).is_file(), f"'{folder}' has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; it is "
+                                                  "an incomplete adapter checkpoint: use another checkpoints/step-*")
+    try:
+        source = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise RlkdError(f"'{folder / ADAPTER_CONFIG}' cannot be read ({_first_line(e)}); use another checkpoint") from e
+    base_dir = folder / "base"
+    source = str(base_dir) if is_complete_model(base_dir) else source
+    require(bool(source), f"the adapter in '{folder}' does not say which base model it belongs to "
+                          "(base_model_name_or_path); load it with peft and its base model yourself")
+    base = load_pretrained(source, role=f"{role} (base of the adapter in {folder})", dtype=dtype,
+                           trust_remote_code=trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise RlkdError(f"the adapter in '{folder}' does not fit its base model {source} ({_first_line(e)}); "
+                        "use the base model it was trained on") from e
+    return model.merge_and_unload() if merge else model
+
+
+def load_adapter_weights(model, folder: Path) -> None:
+    """Load ``folder``'s adapter weights into the LoRA ``model`` in place (a resume)."""
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    require(path.is_file(), f"checkpoint {folder} has no LoRA adapter ({ADAPTER_WEIGHTS}) but this run's student "
+                            "is a LoRA model; resume with the checkpoint's student.peft settings")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise RlkdError(f"checkpoint {folder} is corrupt: {ADAPTER_WEIGHTS} cannot be read ({_first_line(e)}); "
+                        "resume from an earlier checkpoints/step-* folder") from e
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    require(not missing and not unexpected, f"checkpoint {folder}'s adapter does not match the model (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}); resume with the same student.peft settings")
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -96,6 +96,27 @@ def quiet_libraries() -> None:
         pass
 
 
+def peak_rss_mb(reset: bool = False) -> float | None:
+    """The process's peak resident set size in MiB (Linux ``VmHWM``), ``None`` where it cannot be read.
+
+    ``reset`` clears the kernel's high-water mark (``/proc/self/clear_refs``, value 5), so the next
+    call reports the peak of the window in between; where that is refused the peak stays cumulative.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            peak = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (no reset possible)
+        reset = False
+    if reset:
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+    return peak / 1024 if peak is not None else None
+
+
 @dataclass
 class Runtime:
     """The process's place in the run: decided once per command from ``trainer.*`` and the launcher."""
@@ -108,6 +129,7 @@ class Runtime:
     rank: int              # this process's index among them
     distributed_type: str  # Accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
     sharded: bool          # FSDP or DeepSpeed: the model's parameters are split between processes
+    peaks: dict = field(default_factory=dict)  # the highest peak_memory() so far, per key
 
     @property
     def is_main(self) -> bool:
@@ -170,11 +192,35 @@ class Runtime:
                 total[key] = total.get(key, 0) + value
         return total
 
+    def peak_memory(self, reset: bool = True) -> dict[str, float]:
+        """This process's peak memory since the last reset, in MiB: ``mem/peak_cuda_mb`` (what PyTorch's
+        CUDA allocator held) on GPU, ``mem/peak_rss_mb`` (resident set size) on CPU; ``reset`` starts a new window."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            if reset:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            out = {"mem/peak_cuda_mb": round(peak, 1)}
+        else:
+            peak = peak_rss_mb(reset=reset)
+            out = {"mem/peak_rss_mb": round(peak, 1)} if peak is not None else {}
+        for key, value in out.items():
+            self.peaks[key] = max(self.peaks.get(key, 0.0), value)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             self.accelerator.wait_for_everyone()
 
     def release(self) -> None:
-        """Drop the accelerator's references to a finished run's models and optimizers."""
+        """Drop the accelerator's references to a finished run's models and optimizers.
+
+        Accelerate's ``free_memory`` on GPUs (it also empties the CUDA cache); on the CPU only the
+        references are dropped, as its full ``gc.collect()`` of the whole heap cost more than a short
+        run itself.
+        """
         with contextlib.suppress(Exception):
-            self.accelerator.free_memory()
+            if self.device.type == "cuda" or self.sharded:
+                self.accelerator.free_memory()
+            else:
+                acc = self.accelerator
+                acc._schedulers, acc._optimizers, acc._models, acc._dataloaders = [], [], [], []

@@ -305,10 +305,12 @@ COMMANDS: dict[str, type] = {"sft": SftConfig, "distill": DistillConfig, "cache-
 
 
 def register() -> None:
-    """Store every command's schema as ``<command>_schema`` in Hydra's ConfigStore (idempotent)."""
+    """Store every command's schema as ``<command>_schema`` in Hydra's ConfigStore (once per process)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
+    if all(f"{command.replace('-', '_')}_schema.yaml" in cs.repo for command in COMMANDS):
+        return  # the store is a process-wide singleton: registering again only rebuilds the same nodes
     for command, schema in COMMANDS.items():
         cs.store(name=f"{command.replace('-', '_')}_schema", node=schema)
 
@@ -495,6 +497,10 @@ def validate(cfg: Any) -> None:
     if gen.get("do_sample") and not float(gen.get("temperature", 1.0)) > 0:
         raise RlkdError(f"generation.temperature must be > 0 when sampling, got {gen.get('temperature')}; use "
                         "generation.do_sample=false for greedy decoding")
+    if plain.get("loss"):  # the loss mix's own checks (terms, options, weights) before any model is loaded
+        from rlkd_cli.losses import Objective
+
+        Objective.from_config(plain["loss"])
     if "trainer" in plain:
         _check_trainer(plain["trainer"])
         teacher = plain.get("teacher") or {}

@@ -9,14 +9,6 @@ import pytest
 
 from conftest import REPO
 
-TINY = {
-    "vocab": 4096,
-    "teacher": {"hidden": 64, "layers": 1, "heads": 2, "intermediate": 128},
-    "student": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64},
-    "batch": 2, "seq": 24, "prompt": 8, "repeats": 1, "warmup": 1, "trl_rounds": 1, "trl_steps": 1,
-}
-
-
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
@@ -25,13 +17,18 @@ def bench():
     return module
 
 
-def _param_bytes(bench) -> int:
+@pytest.fixture(scope="module")
+def TINY(bench):
+    return dict(bench.TINY)
+
+
+def _param_bytes(bench, TINY) -> int:
     """fp32 bytes of the two bench models' parameters: what any distillation process must hold at least."""
     return sum(p.numel() * 4 for arch, seed in ((TINY["teacher"], 1), (TINY["student"], 2))
                for p in bench.make_model(arch, TINY["vocab"], seed).parameters())
 
 
-def test_in_process_ratios_time_the_engine_step(bench, monkeypatch):
+def test_in_process_ratios_time_the_engine_step(bench, TINY, monkeypatch):
     from rlkd_cli import engine
 
     calls = []
@@ -47,10 +44,10 @@ def test_in_process_ratios_time_the_engine_step(bench, monkeypatch):
 
 
 @pytest.mark.slow
-def test_workers_in_fresh_processes_report_steps_and_peak_memory(bench):
+def test_workers_in_fresh_processes_report_steps_and_peak_memory(bench, TINY):
     pytest.importorskip("trl", reason="TRL is the bench extra (pip install -e '.[bench]')")
     out = bench.vs_trl(dict(TINY), "cpu")
-    floor = _param_bytes(bench)
+    floor = _param_bytes(bench, TINY)
     for system in ("rlkd", "trl"):
         run = out["runs"][system][0]
         assert len(run["step_s"]) == TINY["trl_steps"] and all(t > 0 for t in run["step_s"])
@@ -63,3 +60,27 @@ def test_table_marks_goals(bench):
     lines = {line.split()[0]: line for line in text.splitlines()[2:]}
     assert lines["rank_overhead"].endswith("yes") and lines["step_vs_floor"].endswith("NO")
     assert lines["vs_trl_speedup"].endswith("yes") and "not measured" in lines["cached_vs_student_only"]
+
+
+def test_memory_variants_train_the_same_first_step_and_lora_trains_a_few_weights(bench, TINY):
+    out = {v: bench.scale.worker_rlkd_memory({**TINY, "variant": v}, "cpu") for v in bench.scale.MEMORY_VARIANTS}
+    # LoRA starts from B = 0, a frozen head and gradient checkpointing change no value: the same first loss
+    losses = {v: r["first_loss"] for v, r in out.items()}
+    assert max(losses.values()) - min(losses.values()) < 1e-6, losses
+    assert out["lora"]["trainable"] < out["full"]["trainable"] / 20 < out["full"]["total"]
+    assert out["frozen_head"]["trainable"] == out["full"]["trainable"] - TINY["vocab"] * TINY["student"]["hidden"]
+    assert all(len(r["step_s"]) == TINY["trl_steps"] for r in out.values())
+
+
+def test_onpolicy_worker_generates_every_prompt_then_trains(bench, TINY):
+    out = bench.scale.worker_rlkd_onpolicy(dict(TINY), "cpu")
+    assert len(out["step_s"]) == TINY["trl_steps"]
+    # each step generates at most new_tokens per prompt, and at least one token (EOS included) per prompt
+    assert all(TINY["batch"] <= n <= TINY["batch"] * TINY["new_tokens"] for n in out["generated_tokens"])
+
+
+@pytest.mark.slow
+def test_trl_distillation_trainer_worker_runs_on_policy(bench, TINY):
+    pytest.importorskip("trl", reason="TRL is the bench extra (pip install -e '.[bench]')")
+    out = bench.scale.worker_trl_distill(dict(TINY), "cpu")  # in this process: TRL's import is the cost
+    assert len(out["step_s"]) == TINY["trl_steps"] and all(n > 0 for n in out["generated_tokens"])

@@ -270,6 +270,15 @@ CASES = [
     ("rollout-with-cache", "distill", ["rollout=student", "teacher.cache={small_cache}"],
      "rollout=student trains on generated responses, but teacher.cache"),
     ("generate-untrained-student", "generate", ["model=student"], "the student config is an untrained arch spec"),
+    # real-scale controls (issue 14)
+    ("lora-rank", "distill", ["student.peft.r=0"], "student.peft.r must be >= 1, got 0"),
+    ("lora-targets", "distill", ["student.peft.r=4", "student.peft.target_modules=[nope]"],
+     "cannot apply LoRA to the student"),
+    ("teacher-device", "distill", ["teacher.device=cuda:7"], "teacher.device=cuda:7, but this machine has"),
+    ("teacher-device-name", "distill", ["teacher.device=tpu"], "teacher.device 'tpu' is not a device name"),
+    ("teacher-dtype", "distill", ["teacher.dtype=fp8"], "teacher.dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    ("bool-value", "distill", ["trainer.gradient_checkpointing=maybe"],
+     "trainer.gradient_checkpointing must be true or false, got 'maybe'"),
 ]
 
 

@@ -61,7 +61,7 @@ def hydra_context():
 
 
 _RUNS = itertools.count()
-SHARDS, PER_SHARD = 4, 50  # 200 seeded cases, in shards so that the test workers share them
+SHARDS, PER_SHARD = 4, 32  # 128 seeded cases, in shards so that the test workers share them
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))

@@ -85,7 +85,8 @@ def _skip_models_hook(models_, input_dir):
 
 
 def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: TrainState, keep_last: int,
-         merge_adapter: bool = False, extra: Callable[[Path], None] | None = None) -> Path | None:
+         merge_adapter: bool = False, base_source: str | None = None,
+         extra: Callable[[Path], None] | None = None) -> Path | None:
     """Write ``checkpoints/step-N`` (every process must call it); return its path on process 0.
 
     A save that fails leaves the previous checkpoints as they were (the half folder is removed); a
@@ -94,7 +95,7 @@ def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: 
     tmp = Path(run_dir) / "checkpoints" / f".tmp-step-{state.step:06d}"
     try:
         return _save(run_dir, trainer, tokenizer=tokenizer, cfg=cfg, state=state, keep_last=keep_last,
-                     merge_adapter=merge_adapter, extra=extra)
+                     merge_adapter=merge_adapter, base_source=base_source, extra=extra)
     except Exception as ex:
         error = write_error(ex, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +105,7 @@ def save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: 
 
 
 def _save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state: TrainState, keep_last: int,
-          merge_adapter: bool, extra: Callable[[Path], None] | None) -> Path | None:
+          merge_adapter: bool, base_source: str | None, extra: Callable[[Path], None] | None) -> Path | None:
     rt = trainer.runtime
     root = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:06d}"
@@ -125,7 +126,7 @@ def _save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state:
     full = rt.accelerator.get_state_dict(trainer.module) if rt.sharded else None  # a collective when sharded
     path = None
     if rt.is_main:
-        models.save_model(trainer.model, tmp, state_dict=full, merge_adapter=merge_adapter)
+        models.save_model(trainer.model, tmp, state_dict=full, merge_adapter=merge_adapter, base_source=base_source)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "rlkd_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         state.sharded = rt.sharded

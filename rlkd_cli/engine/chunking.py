@@ -116,7 +116,8 @@ def _head_of(model) -> LMHead | None:
 
 def trunk_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The final hidden states ``[B, T, H]`` (after the last norm) of a Hugging Face causal LM."""
-    base = model.base_model
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA (peft) model's own LM
+    base = lm.base_model
     return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
@@ -206,6 +207,7 @@ class TeacherRows:
     rows: torch.Tensor
     head: LMHead | None
     vocab: int
+    out_device: torch.device | None = None   # where the logits go (a teacher on another device)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -213,7 +215,8 @@ class TeacherRows:
     def __getitem__(self, sl: slice) -> torch.Tensor:
         with torch.no_grad():
             x = self.rows[sl]
-            return self.head(x, self.vocab) if self.head is not None else x[:, :self.vocab]
+            z = self.head(x, self.vocab) if self.head is not None else x[:, :self.vocab]
+            return z if self.out_device is None else z.to(self.out_device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource |
                                         f"of processes ({runtime.world})")
     micro //= runtime.world
     torch.manual_seed(int(cfg.seed))
-    model = models.load_model(cfg[role], tokenizer, role=role, seed=int(cfg.seed))
+    model = student_model(cfg, tokenizer, role=role, runtime=runtime, label=label)
     trainer = Trainer.create(runtime, model, objective=objective, teacher=teacher, vocab=len(tokenizer), tc=tc,
                              micro_batch=micro)
     log.info("[%s] loss over response positions in chunks of %d; LM heads %s", label, trainer.chunk,
@@ -160,6 +160,22 @@ def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource |
                                   tokenizer=tokenizer, seed=int(cfg.seed), max_length=int(cfg.dataset.max_length))
     return Setup(trainer=trainer, tokenizer=tokenizer, train=train_split, val_batches=val_batches, batches=batches,
                  ks=ks, role=role, label=label)
+
+
+def student_model(cfg: DictConfig, tokenizer, *, role: str, runtime: Runtime, label: str):
+    """The model to train: loaded or built, LoRA-wrapped per ``<role>.peft``, gradient checkpointing per the trainer."""
+    mc, tc = cfg[role], cfg.trainer
+    model = models.load_model(mc, tokenizer, role=role, seed=int(cfg.seed))
+    if (mc.get("peft") or {}).get("r"):
+        require(not runtime.sharded, f"{role}.peft (LoRA) runs under DDP or on one process; FSDP/DeepSpeed shard the "
+                                     f"model and rlkd does not save sharded adapters: use DDP or {role}.peft.r=null")
+        model = models.apply_peft(model, mc.peft, seed=int(cfg.seed), role=role)
+    if tc.get("gradient_checkpointing"):
+        models.enable_gradient_checkpointing(model, role=role)
+    trainable, total = models.parameter_counts(model)
+    log.info("[%s] %s: %s of %s parameters trainable (%.2f %%)%s", label, role, f"{trainable:,}", f"{total:,}",
+             100.0 * trainable / max(total, 1), ", gradient checkpointing" if tc.get("gradient_checkpointing") else "")
+    return model
 
 
 def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
@@ -264,6 +280,7 @@ class _Window:
             rec.update(finalize(self.align))
         if hasattr(batches, "stats"):  # on-policy runs: what was generated in this window
             rec.update(batches.stats(self.seconds))
+        rec.update(trainer.runtime.peak_memory())  # this window's peak (CUDA allocator or RSS), then reset
         rec.update({"lr": trainer.lr, "grad_norm": self.grad_norm,
                     "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
                     "positions_per_s": self.positions / max(self.seconds, 1e-9),
@@ -304,9 +321,19 @@ def save(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState) -> Path | 
             s.batches.save(folder, s.trainer.runtime.rank)
     path = checkpoint.save(run_dir, s.trainer, tokenizer=s.tokenizer, cfg=cfg, state=state,
                            keep_last=int(cfg.trainer.keep_last), merge_adapter=bool(cfg.trainer.get("merge_adapter")),
-                           extra=extra)
+                           base_source=_base_source(cfg[s.role]), extra=extra)
     s.saved = (state.step, path)
     return path
+
+
+def _base_source(model_cfg: DictConfig) -> str | None:
+    """Where a LoRA student's base weights come from: its ``name_or_path`` (absolute when local), else ``None``
+    (built from an ``arch`` spec: the checkpoint stores them)."""
+    name = model_cfg.get("name_or_path")
+    if not name:
+        return None
+    local = Path(str(name)).expanduser()
+    return str(local.resolve()) if local.exists() else str(name)
 
 
 def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, status: str,
@@ -334,6 +361,8 @@ def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, statu
             "train_examples": s.train.stats.get("num_examples"), "train_truncated": s.train.stats.get("num_truncated"),
             "rollout": str((cfg.get("rollout") or {}).get("name", "off")),
         })
+        trainable, total = models.parameter_counts(s.trainer.model)
+        summary.update({"params/trainable": trainable, "params/total": total, **rt.peaks})
         if hasattr(s.batches, "stats"):
             summary.update(s.batches.stats(state.train_time_s, total=True))
         log.info("[%s] done: %s", s.label, ", ".join(f"{k}={v:.4f}" for k, v in summary.items()

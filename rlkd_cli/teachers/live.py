@@ -17,16 +17,23 @@ class LiveTeacher:
     def __init__(self, model, vocab: int, *, split_head: bool = True, name: str = "teacher"):
         self.model, self.vocab, self.name = model, vocab, name
         self.head = split_lm(model, vocab) if split_head else None
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, split: str | None = None) -> TeacherRows:
-        """The teacher's final hidden rows (or logits) at the batch's scored positions ``idx``."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        """The teacher's final hidden rows (or logits) at the batch's scored positions ``idx``.
+
+        The teacher runs on its own device (``teacher.device``); each chunk's logits come back on the
+        batch's device.
+        """
+        out = batch["input_ids"].device
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         if self.head is not None:
             hidden = trunk_forward(self.model, ids, mask)
         else:
             hidden = self.model(input_ids=ids, attention_mask=mask).logits
-        return TeacherRows(gather_rows(hidden, idx), self.head, self.vocab)
+        return TeacherRows(gather_rows(hidden, idx.to(self.device)), self.head, self.vocab,
+                           out_device=out if out != self.device else None)
 
     def describe(self) -> str:
         return self.name
@@ -51,9 +58,47 @@ def load(cfg: DictConfig, tokenizer, runtime) -> tuple[torch.nn.Module, str]:
                                       "teacher.name_or_path=PATH_OR_HUB_ID")
         path = str(tiny.ensure_trained(cfg, tokenizer, runtime))
     check_model_tokenizer(path, tokenizer, role="teacher")
-    model = models.load_pretrained(path, role="teacher",
-                                   dtype=torch.bfloat16 if runtime.precision == "bf16" else None,
+    model = models.load_pretrained(path, role="teacher", dtype=teacher_dtype(tc, runtime),
                                    trust_remote_code=bool(tc.get("trust_remote_code", False)))
     models.check_vocab(model, tokenizer, role="teacher")
-    model.requires_grad_(False).eval().to(runtime.device)
+    model.requires_grad_(False).eval().to(teacher_device(tc, runtime))
     return model, path
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_dtype(tc: DictConfig, runtime) -> torch.dtype | None:
+    """``teacher.dtype``: ``auto`` is bf16 under bf16 training, else the checkpoint's own (fp32 for rlkd's)."""
+    name = str(tc.get("dtype", "auto"))
+    if name == "auto":
+        return torch.bfloat16 if runtime.precision == "bf16" else None
+    from rlkd_cli.errors import require
+
+    require(name in _DTYPES, f"teacher.dtype '{name}' is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def teacher_device(tc: DictConfig, runtime) -> torch.device:
+    """``teacher.device``: ``null`` is the student's device; else a device this machine has (e.g. ``cuda:1``)."""
+    from rlkd_cli.errors import RlkdError, require
+
+    if not tc.get("device"):
+        return runtime.device
+    try:
+        device = torch.device(str(tc.device))
+    except RuntimeError as e:
+        raise RlkdError(f"teacher.device '{tc.device}' is not a device name; use e.g. cpu, cuda, cuda:1") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        require(count > 0, f"teacher.device={tc.device}, but this machine has no CUDA device; drop teacher.device "
+                           "or set it to cpu")
+        require((device.index or 0) < count, f"teacher.device={tc.device}, but this machine has {count} CUDA "
+                                             f"device(s) (cuda:0..cuda:{count - 1}); choose one of them")
+    else:
+        require(device.type == "cpu", f"teacher.device={tc.device}: rlkd places teachers on cpu or cuda devices")
+    if runtime.distributed and device != runtime.device:
+        raise RlkdError(f"teacher.device={tc.device} with {runtime.world} processes would put every process's "
+                        "teacher on that one device; drop teacher.device under DDP (each process's teacher goes "
+                        "on its own GPU)")
+    return device
