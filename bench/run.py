@@ -42,165 +42,40 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+import scale  # noqa: E402  (bench/scale.py: on-policy, memory and large-model rows)
+from common import (Memory, RlkdRunner, _preload, collate, make_examples, make_model, objective,  # noqa: E402,F401
+                    response_tokens, sync, timed)
 
 QUICK = {
     "vocab": 32000,
     "teacher": {"hidden": 768, "layers": 4, "heads": 12, "intermediate": 2048},
     "student": {"hidden": 384, "layers": 2, "heads": 6, "intermediate": 1024},
-    "batch": 8, "seq": 256, "prompt": 96,
+    "batch": 8, "seq": 256, "prompt": 96, "new_tokens": 32,
     "repeats": 9, "warmup": 2, "trl_rounds": 2, "trl_steps": 4,
 }
 FULL = {
     "vocab": 32000,
     "teacher": {"hidden": 1024, "layers": 8, "heads": 16, "intermediate": 2816},
     "student": {"hidden": 512, "layers": 4, "heads": 8, "intermediate": 1408},
-    "batch": 8, "seq": 512, "prompt": 192,
+    "batch": 8, "seq": 512, "prompt": 192, "new_tokens": 64,
     "repeats": 9, "warmup": 2, "trl_rounds": 3, "trl_steps": 6,
+}
+TINY = {  # seconds per measurement: what the tests and bench/gpu_check.sh's CPU part run (the figures mean little)
+    "vocab": 4096,
+    "teacher": {"hidden": 64, "layers": 1, "heads": 2, "intermediate": 128},
+    "student": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64},
+    "batch": 2, "seq": 24, "prompt": 8, "new_tokens": 6,
+    "repeats": 1, "warmup": 1, "trl_rounds": 1, "trl_steps": 2,
 }
 GOALS = {"rank_overhead": ("<=", 0.01), "step_vs_floor": ("<=", 1.05), "vs_trl_speedup": (">=", 1.5),
          "vs_trl_memory_ratio": ("<=", 0.5), "cached_vs_student_only": ("<=", 1.1)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared set-up: models, data, memory probes
+# In one process: the engine's train_step with several objectives and teachers, taking turns
 # ----------------------------------------------------------------------------------------------
-
-def make_model(arch: dict, vocab: int, seed: int):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=arch["hidden"],
-                               num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
-                               num_key_value_heads=arch["heads"], intermediate_size=arch["intermediate"],
-                               max_position_embeddings=4096, tie_word_embeddings=False,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # peaked next-token distributions, like a trained LM's, not a flat random init
-        model.get_output_embeddings().weight.mul_(20.0)
-    return model
-
-
-def make_examples(spec: dict, n: int, seed: int = 0) -> list[dict]:
-    """``n`` sequences of ``seq`` random tokens; the first ``prompt`` positions carry no loss."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, spec["vocab"], (spec["seq"],), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * spec["prompt"] + ids[spec["prompt"]:]})
-    return out
-
-
-def collate(examples: list[dict]):
-    import torch
-
-    ids = torch.tensor([e["input_ids"] for e in examples])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([e["labels"] for e in examples])}
-
-
-def response_tokens(spec: dict) -> int:
-    return spec["batch"] * (spec["seq"] - spec["prompt"] - 1)
-
-
-class Memory:
-    """Peak memory from a reset point: CUDA allocator stats, or the process's resident-set high-water mark."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {key} in /proc/self/status")
-
-    def reset(self) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = 0
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            self.base = self._status("VmRSS")
-
-    def peak(self) -> int:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            return int(torch.cuda.max_memory_allocated())
-        return self._status("VmHWM") - self.base
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-# ----------------------------------------------------------------------------------------------
-# rlkd steps: the engine's train_step (forward, backward, clip, AdamW)
-# ----------------------------------------------------------------------------------------------
-
-class RlkdRunner:
-    """The engine's own step (``rlkd_cli.engine.train_step``) on the bench models, with any objective and teacher."""
-
-    def __init__(self, spec: dict, device: str, *, teacher=None, student=None):
-        import torch
-
-        from rlkd_cli.engine import Trainer
-        from rlkd_cli.runtime import Runtime
-        from rlkd_cli.teachers.live import LiveTeacher
-
-        self.spec, self.device = spec, device
-        self.runtime = Runtime.create({"device": device})  # what a command does: CPU allocator, denormals, ...
-        self.dev = self.runtime.device
-        self.teacher = teacher if teacher is not None else make_model(spec["teacher"], spec["vocab"], 1)
-        self.teacher.requires_grad_(False).eval().to(self.dev)
-        if self.runtime.precision == "bf16":
-            self.teacher.to(torch.bfloat16)
-        self.student = student if student is not None else make_model(spec["student"], spec["vocab"], 2)
-        self.live = LiveTeacher(self.teacher, spec["vocab"])
-        tc = {"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
-              "max_steps": 10**9, "max_grad_norm": 1.0, "split_head": True, "chunk_size": "auto"}
-        self.trainer = Trainer.create(self.runtime, self.student, objective=objective("kl"), teacher=self.live,
-                                      vocab=spec["vocab"], tc=tc, micro_batch=spec["batch"])
-        assert self.trainer.head is not None and self.live.head is not None
-        self.chunk = self.trainer.chunk
-
-    def step(self, objective, batch: dict, teacher) -> None:
-        """One optimizer step of the engine (forward, backward, clip, AdamW) with this objective and teacher."""
-        import dataclasses
-
-        from rlkd_cli.engine import train_step
-
-        train_step(dataclasses.replace(self.trainer, objective=objective, teacher=teacher), [batch])
-
-    def teacher_forward(self, batch: dict) -> None:
-        """What the teacher costs in a distillation step: its trunk, and its head at every response position."""
-        import torch
-
-        from rlkd_cli.engine import chunking
-
-        idx, _ = chunking.response_index(batch["labels"])
-        with torch.no_grad(), self.runtime.autocast():
-            rows = self.live.rows(batch, idx)
-            for sl in chunking.chunk_slices(len(rows), self.chunk):
-                rows[sl]
-
-
-def objective(name: str):
-    from rlkd_cli.config import load_group_option
-    from rlkd_cli.losses import Objective
-
-    return Objective.from_config(load_group_option("loss", name))
-
 
 def build_cache(runner: RlkdRunner, examples: list[dict], folder: Path):
     """A real on-disk teacher cache of the bench examples (top-64, float32), opened as distill opens it."""
@@ -216,14 +91,6 @@ def build_cache(runner: RlkdRunner, examples: list[dict], folder: Path):
             "splits": {"train": entry}}
     (folder / tc.META).write_text(json.dumps(meta))
     return tc.TeacherCache.open(folder)
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def in_process(spec: dict, device: str) -> dict:
@@ -268,12 +135,6 @@ def in_process(spec: dict, device: str) -> dict:
 # rlkd vs TRL: one fresh process per measurement
 # ----------------------------------------------------------------------------------------------
 
-def _preload() -> None:
-    """Import what both systems use before the memory baseline, so import costs count for neither."""
-    import datasets  # noqa: F401
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
-
 
 def worker_rlkd(spec: dict, device: str) -> dict:
     _preload()
@@ -293,15 +154,15 @@ def worker_rlkd(spec: dict, device: str) -> dict:
     return {"step_s": times, "peak_bytes": memory.peak()}
 
 
-def worker_trl(spec: dict, device: str) -> dict:
+def worker_trl(spec: dict, device: str, peft_config=None, liger: bool = False) -> dict:
+    """TRL's GKDTrainer, off-policy (``lmbda=0``), forward KL (``beta=0``), on the bench models and data."""
     import warnings
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     warnings.filterwarnings("ignore")
     import datasets
     import torch
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import TrainerCallback
     try:  # TRL >= 1.0 keeps GKD under trl.experimental
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:
@@ -310,51 +171,53 @@ def worker_trl(spec: dict, device: str) -> dict:
     _preload()
     memory = Memory(device)
     memory.reset()
-    teacher = make_model(spec["teacher"], spec["vocab"], 1)
-    student = make_model(spec["student"], spec["vocab"], 2)
+    teacher = make_model(spec["teacher"], spec["vocab"], 1, device=device)
+    student = make_model(spec["student"], spec["vocab"], 2, device=device)
     if device == "cuda":
         teacher.to(torch.bfloat16)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-                                  pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     examples = make_examples(spec, spec["batch"] * (spec["trl_steps"] + 1), seed=1)
     ds = datasets.Dataset.from_list(examples)
-
-    class Times(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], None
-
-        def on_step_begin(self, args, state, control, **kw):
-            sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            sync(device)
-            self.times.append(time.perf_counter() - self.t0)
-
+    timer = scale._Times(device, TrainerCallback)
     with tempfile.TemporaryDirectory() as out:
         args = GKDConfig(output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=spec["trl_steps"] + 1,
                          learning_rate=1e-5, lmbda=0.0, beta=0.0, temperature=1.0, max_length=spec["seq"],
                          logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device == "cpu",
                          bf16=device == "cuda", dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
-                         lr_scheduler_type="constant", disable_tqdm=True)
-        timer = Times()
+                         lr_scheduler_type="constant", disable_tqdm=True, use_liger_kernel=liger)
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                             data_collator=collate, processing_class=tok, callbacks=[timer])
+                             data_collator=collate, processing_class=scale.word_tokenizer(8), callbacks=[timer],
+                             peft_config=peft_config)
         trainer.train()
     return {"step_s": timer.times[1:], "peak_bytes": memory.peak()}
 
 
+WORKERS = {"rlkd": worker_rlkd, "trl": worker_trl, "trl-liger": lambda spec, device: worker_trl(spec, device, liger=True),
+           **scale.WORKERS}
+
+
+def liger_available(device: str) -> bool:
+    """Whether TRL can use Liger's fused JSD here (liger-kernel installed, a CUDA device)."""
+    import importlib.util
+
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def run_worker(name: str, spec: dict, device: str) -> dict:
+    """``WORKERS[name](spec, device)`` in a fresh process (its peak memory its own); its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", json.dumps(spec),
+           "--device", device]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if res.returncode != 0:
+        raise SystemExit(f"bench: the {name} worker failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def vs_trl(spec: dict, device: str) -> dict:
-    runs: dict[str, list[dict]] = {"rlkd": [], "trl": []}
+    systems = ("rlkd", "trl", "trl-liger") if liger_available(device) else ("rlkd", "trl")
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
     for r in range(spec["trl_rounds"]):
-        for system in ("rlkd", "trl"):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--spec", json.dumps(spec),
-                   "--device", device]
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if res.returncode != 0:
-                raise SystemExit(f"bench: the {system} worker failed:\n{res.stderr[-3000:]}")
-            out = json.loads(res.stdout.strip().splitlines()[-1])
+        for system in systems:
+            out = run_worker(system, spec, device)
             runs[system].append(out)
             print(f"  round {r + 1}: {system:5s} median step {statistics.median(out['step_s']) * 1e3:8.1f} ms, "
                   f"peak {out['peak_bytes'] / 2**20:8.1f} MiB", file=sys.stderr)
@@ -411,13 +274,43 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def scale_table(results: dict) -> str:
+    """The on-policy, memory and large-model rows (absolute figures and ratios; no goals)."""
+    lines = []
+    op = results.get("onpolicy")
+    if op:
+        lines += ["", f"on-policy step ({op['new_tokens']} generated tokens per prompt), rlkd rollout=student vs TRL "
+                      "DistillationTrainer:"]
+        for s in ("rlkd", "trl"):
+            lines.append(f"  {s:5s} {op['median_step_s'][s] * 1e3:9.1f} ms/step  {op['generated_tokens_per_s'][s]:8.1f} "
+                         f"generated tok/s  peak {op['peak_bytes'][s] / 2**20:8.0f} MiB")
+        lines.append(f"  rlkd/TRL: {op['onpolicy_vs_trl_speedup']:.2f}x tokens/s, "
+                     f"{op['onpolicy_vs_trl_memory_ratio']:.2f}x peak memory")
+    mem = results.get("memory")
+    if mem:
+        lines += ["", f"{'student':24s} {'trainable':>12s} {'ms/step':>9s} {'vs full':>8s} {'peak MiB':>9s} "
+                      f"{'vs full':>8s} {'first loss':>11s}"]
+        for v, r in mem["rows"].items():
+            lines.append(f"{v:24s} {r['trainable']:12,d} {r['median_step_s'] * 1e3:9.1f} {r['step_vs_full']:8.2f} "
+                         f"{r['peak_bytes'] / 2**20:9.0f} {r['peak_vs_full']:8.2f} {r['first_loss']:11.6f}")
+    big = results.get("large")
+    if big:
+        lines += ["", "large models (1.1B student, 3.2B teacher, seq 1024):"]
+        for k, r in big.items():
+            lines.append(f"  {k:12s} {r['median_step_s'] * 1e3:9.0f} ms/step  peak {r['peak_bytes'] / 2**30:6.1f} GiB")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer repeats (a few minutes on 2 CPU cores)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models: checks that every part runs (seconds each)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--skip-trl", action="store_true", help="leave out the comparison with TRL")
+    ap.add_argument("--skip-trl", action="store_true", help="leave out the comparisons with TRL")
+    ap.add_argument("--only", choices=["ratios", "onpolicy", "memory", "large"], action="append",
+                    help="run only these parts (repeatable); default: ratios, onpolicy, memory (+ large on CUDA)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where the JSON results go")
-    ap.add_argument("--worker", choices=["rlkd", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -427,42 +320,62 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA device is visible; use --device cpu")
     if args.worker:
-        spec = json.loads(args.spec)
-        result = worker_rlkd(spec, device) if args.worker == "rlkd" else worker_trl(spec, device)
-        print(json.dumps(result))
+        print(json.dumps(WORKERS[args.worker](json.loads(args.spec), device)))
         return
+    parts = set(args.only or ["ratios", "onpolicy", "memory"] + (["large"] if device == "cuda" else []))
+    if "large" in parts and device != "cuda":
+        raise SystemExit("bench: the large-model rows (a 1.1B student, a 3.2B teacher) need a GPU: --device cuda")
     if not args.skip_trl:
         try:
             import trl  # noqa: F401
         except ImportError:
             raise SystemExit("bench: TRL is not installed (the comparison needs it): pip install -e '.[bench]', "
                              "or pass --skip-trl") from None
-    spec = dict(QUICK if args.quick else FULL)
-    print(f"bench ({'quick' if args.quick else 'full'}) on {device}: V={spec['vocab']}, teacher {spec['teacher']}, "
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    spec = dict({"tiny": TINY, "quick": QUICK, "full": FULL}[mode])
+    print(f"bench ({mode}) on {device}: V={spec['vocab']}, teacher {spec['teacher']}, "
           f"student {spec['student']}, batch {spec['batch']}x{spec['seq']} ({spec['prompt']} prompt tokens)",
           file=sys.stderr)
-    started = time.perf_counter()
-    inproc = in_process(spec, device)
-    trl_part = None if args.skip_trl else vs_trl(spec, device)
-    ratios = {k: inproc[k] for k in ("rank_overhead", "step_vs_floor", "cached_vs_student_only")}
-    if trl_part:
-        ratios.update({k: trl_part[k] for k in ("vs_trl_speedup", "vs_trl_memory_ratio")})
-    results = {"mode": "quick" if args.quick else "full", "spec": spec, "machine": machine(device), "ratios": ratios,
-               "goals": {k: f"{op} {g}" for k, (op, g) in GOALS.items()}, "in_process": inproc, "vs_trl": trl_part,
-               "response_tokens_per_step": response_tokens(spec), "wall_s": round(time.perf_counter() - started, 1)}
+    results = run_parts(spec, device, parts, skip_trl=args.skip_trl)
+    results["mode"] = mode
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out)
-    med = inproc["median_s"]
-    print("\nmedian step (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in med.items()))
+    if results.get("in_process"):
+        med = results["in_process"]["median_s"]
+        print("\nmedian step (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in med.items()))
+    trl_part = results.get("vs_trl")
     if trl_part:
         print("vs TRL GKDTrainer: " + ", ".join(
             f"{s} {trl_part['median_step_s'][s] * 1e3:.1f} ms/step, {trl_part['tokens_per_s'][s]:.0f} tok/s, "
             f"peak {trl_part['peak_bytes'][s] / 2**20:.0f} MiB" for s in ("rlkd", "trl")))
     print()
     print(table(results))
+    print(scale_table(results))
     print(f"\n{out} written ({results['wall_s']} s)")
+
+
+def run_parts(spec: dict, device: str, parts: set[str], *, skip_trl: bool = False) -> dict:
+    """The chosen parts of the benchmark on ``spec``; the results as ``bench/results.json`` holds them."""
+    started = time.perf_counter()
+    results: dict = {"spec": spec, "machine": machine(device), "ratios": {},
+                     "goals": {k: f"{op} {g}" for k, (op, g) in GOALS.items()},
+                     "response_tokens_per_step": response_tokens(spec)}
+    if "ratios" in parts:
+        inproc = results["in_process"] = in_process(spec, device)
+        results["ratios"].update({k: inproc[k] for k in ("rank_overhead", "step_vs_floor", "cached_vs_student_only")})
+        if not skip_trl:
+            trl_part = results["vs_trl"] = vs_trl(spec, device)
+            results["ratios"].update({k: trl_part[k] for k in ("vs_trl_speedup", "vs_trl_memory_ratio")})
+    if "onpolicy" in parts and not skip_trl:
+        results["onpolicy"] = scale.onpolicy(spec, device, run_worker)
+    if "memory" in parts:
+        results["memory"] = scale.memory(spec, device, run_worker)
+    if "large" in parts:
+        results["large"] = scale.large({**scale.LARGE, "trl_rounds": 1}, device, run_worker)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    return results
 
 
 if __name__ == "__main__":
