@@ -51,7 +51,9 @@ def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, 
     nll = [0.0 for _ in students]
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t_dev = next(teacher.parameters()).device  # teacher.device may put it elsewhere
+        t_logits = teacher(input_ids=batch["input_ids"].to(t_dev),
+                           attention_mask=batch["attention_mask"].to(t_dev)).logits.to(device)
         t, targets, mask = shift_for_next_token(t_logits, batch["labels"], vocab)
         teacher_nll += _nll_sum(t, targets, mask)
         count += float(mask.sum())

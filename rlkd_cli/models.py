@@ -171,6 +171,9 @@ def save_model(model, folder: Path, *, state_dict: dict | None = None, merge_ada
     A LoRA model saves its adapter (see the module docstring): ``base_source`` is where its base
     weights come from (the student's ``name_or_path``); ``None`` writes them into ``folder/base``.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in rlkd's output
     if is_peft(model):
         return save_adapter_model(model, Path(folder), merge=merge_adapter, base_source=base_source)
     model.save_pretrained(folder, state_dict=state_dict, max_shard_size="1000GB")
@@ -249,7 +252,11 @@ def enable_gradient_checkpointing(model, *, role: str = "student") -> None:
     same loss and gradients, less memory, one more forward's time. Non-reentrant, so LoRA works too."""
     require(getattr(model, "supports_gradient_checkpointing", False) or is_peft(model),
             f"trainer.gradient_checkpointing: the {role} ({type(model).__name__}) does not support it; set it to false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -270,12 +277,30 @@ def save_adapter_model(model, folder: Path, *, merge: bool, base_source: str | N
     finally:
         config.base_model_name_or_path = keep
     base.config.save_pretrained(folder)
-    import copy
-
     if base_source is None:  # a base built from an arch spec: its (frozen) weights have no other source
-        copy.deepcopy(model).unload().save_pretrained(folder / "base", max_shard_size="1000GB")
+        base.save_pretrained(folder / "base", state_dict=plain_state_dict(model), max_shard_size="1000GB")
     if merge:
-        copy.deepcopy(model).merge_and_unload().save_pretrained(folder / "merged", max_shard_size="1000GB")
+        base.save_pretrained(folder / "merged", state_dict=plain_state_dict(model, merge=True),
+                             max_shard_size="1000GB")
+
+
+def plain_state_dict(model, *, merge: bool = False) -> dict[str, torch.Tensor]:
+    """A LoRA model's base weights under the plain model's names, on the CPU; ``merge`` adds each adapter's
+    ``BA`` update (what ``merge_and_unload`` computes), without copying the model or touching its weights."""
+    base = model.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    if merge:
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+                deltas[f"{name}.weight"] = module.get_delta_weight("default").detach().cpu()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        value = value.detach().cpu()
+        out[key] = value + deltas[key].to(value.dtype) if key in deltas else value
+    return out
 
 
 def load_adapter_model(folder: Path, *, role: str, dtype: torch.dtype | None = None,
@@ -321,6 +346,12 @@ def load_adapter_weights(model, folder: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise RlkdError(f"checkpoint {folder} is corrupt: {ADAPTER_WEIGHTS} cannot be read ({_first_line(e)}); "
                         "resume from an earlier checkpoints/step-* folder") from e
+    base = Path(folder) / "base" / "model.safetensors"
+    if base.is_file():  # the frozen base this adapter was trained on: this run's must be the same
+        saved, current = load_file(str(base)), plain_state_dict(model)
+        same = saved.keys() <= current.keys() and all(torch.equal(saved[k], current[k]) for k in saved)
+        require(same, f"checkpoint {folder} was trained on other base weights (its base/ differs from this run's "
+                      "student); resume with the student config it was trained with")
     result = set_peft_model_state_dict(model, weights)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]

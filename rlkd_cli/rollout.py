@@ -162,7 +162,11 @@ class Rollouts:
 
     def stats(self, step_seconds: float | None = None, *, total: bool = False) -> dict[str, float]:
         """``rollout/...`` metrics over the steps since the last call (``total``: the whole run); resets the window."""
-        c = self.total if total else self.window
+        c = dict(self.total if total else self.window)
+        if self.runtime.distributed:  # every process generates for its own micro-batches: add them up
+            c = self.runtime.sum_dicts(c)  # (every process calls stats at the same step)
+            for key in ("steps", "generated_steps", "seconds"):  # the same on every process / in parallel
+                c[key] /= self.runtime.world
         out = {"rollout/generated_tokens": c["tokens"],
                "rollout/mean_length": c["tokens"] / c["sequences"] if c["sequences"] else 0.0,
                "rollout/eos_share": c["eos"] / c["sequences"] if c["sequences"] else 0.0,

@@ -129,3 +129,13 @@ def test_readme_maps_every_config_group_to_an_existing_module():
     for group in groups - {"experiment"}:  # experiment/ holds presets of the other groups
         module = re.findall(r"`([\w/.]+\.py|[\w/]+/)`", rows[group])[0]
         assert (PACKAGE / module).exists(), (group, module)
+
+
+def test_docs_name_only_files_that_exist():
+    """Every repository path the README and docs/ name in backticks (rlkd_cli/, conf/, bench/, tests/, docs/) exists."""
+    missing = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "RESULTS.md"]:
+        for path in re.findall(r"`((?:rlkd_cli|conf|bench|tests|docs)/[\w./-]*)`", doc.read_text()):
+            if "<" not in path and not (REPO / path.rstrip("/")).exists():
+                missing.append(f"{doc.relative_to(REPO)}: {path}")
+    assert missing == []

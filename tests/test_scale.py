@@ -51,6 +51,19 @@ def _trainer(student, split_head: bool = True) -> Trainer:
                           tc={**TC, "split_head": split_head})
 
 
+def test_a_frozen_head_is_cast_to_the_autocast_dtype_once_a_trainable_one_every_time():
+    from rlkd_cli.engine.chunking import split_lm
+
+    frozen = split_lm(_lora_student(), VOCAB)
+    w1, _ = frozen.cast(VOCAB, torch.bfloat16)
+    w2, _ = frozen.cast(VOCAB, torch.bfloat16)
+    assert w1 is w2 and w1.dtype == torch.bfloat16 and w1.shape[0] == VOCAB
+    trainable = split_lm(tiny_lm(1, 32), VOCAB)
+    a, _ = trainable.cast(VOCAB, torch.bfloat16)
+    b, _ = trainable.cast(VOCAB, torch.bfloat16)
+    assert a is not b and torch.equal(a, b)  # its weights change every step: never a stale copy
+
+
 def _lora_student():
     return models.apply_peft(tiny_lm(1, 32), LORA, seed=0)
 
@@ -94,7 +107,7 @@ def test_frozen_lm_head_gets_no_gradient_buffer_and_lora_grads_match_full_logits
 def lora_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("lora-run")
     summary = train("distill", QUICK + ["student.peft.r=4", "trainer.merge_adapter=true", "trainer.max_steps=4",
-                                        "trainer.eval_every=0", "trainer.log_every=2"], run)
+                                        "trainer.eval_every=0", "trainer.log_every=2", "trainer.device=cpu"], run)
     return run, summary
 
 
@@ -229,12 +242,12 @@ def test_gradient_checkpointing_gives_the_same_loss_at_a_lower_peak_memory():
 def test_bf16_teacher_on_cpu_and_the_teacher_device(tmp_path):
     from rlkd_cli.teachers import live
 
-    cfg = compose("distill", QUICK + ["teacher.dtype=bf16", "teacher.device=cpu"])
+    cfg = compose("distill", QUICK + ["teacher.dtype=bf16", "teacher.device=cpu", "trainer.device=cpu"])
     tok = tokenizer_of(cfg)
     runtime = Runtime.create(cfg.trainer)
     model, _ = live.load(cfg, tok, runtime)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    fp32, _ = live.load(compose("distill", QUICK), tok, runtime)
+    fp32, _ = live.load(compose("distill", QUICK + ["trainer.device=cpu"]), tok, runtime)
     ids = torch.tensor([tok.encode("12 + 7 = 19")])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     idx = torch.arange(ids.numel())
@@ -252,7 +265,7 @@ def test_teacher_and_student_vocabularies_differing_only_by_padding_rows(tmp_pat
     tok = tokenizer_of(cfg)
     teacher = models.load_pretrained(str(teacher_path(cfg)), role="teacher")
     teacher.resize_token_embeddings(len(tok) + 64)  # the padding rows a hub teacher often has (151936 vs 152064)
-    with torch.no_grad():  # rows that would dominate every softmax if they were (wrongly) read
+    with torch.no_grad():  # large rows: read by mistake, they would change every softmax's normaliser
         teacher.get_output_embeddings().weight[len(tok):] = 10.0
     teacher.save_pretrained(tmp_path / "padded-teacher")
     tok.save_pretrained(tmp_path / "padded-teacher")
@@ -260,9 +273,9 @@ def test_teacher_and_student_vocabularies_differing_only_by_padding_rows(tmp_pat
     padded = train("distill", common + [f"teacher.name_or_path={tmp_path / 'padded-teacher'}",
                                         f"+student.arch.vocab_size={len(tok) + 128}"], tmp_path / "padded")
     plain = train("distill", common + [f"teacher.name_or_path={teacher_path(cfg)}"], tmp_path / "plain")
-    # the padding rows never enter a softmax: the same losses (the student's extra rows change its init only
-    # through the shapes of the random draws, so compare the teacher's side alone: same teacher, same student)
+    # a student with padding rows of its own trains too (its init differs with its shape: no loss to compare)
     assert padded["status"] == plain["status"] == "completed"
+    # the teacher's padding rows never enter a softmax: with the same student, the same losses
     same_student = train("distill", common + [f"teacher.name_or_path={tmp_path / 'padded-teacher'}"],
                          tmp_path / "padded-teacher-only")
     assert same_student["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-6)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -79,14 +79,39 @@ class LMHead:
     bias: torch.Tensor | None = None
     scale: float = 1.0
     softcap: float | None = None
+    _cast: Any = field(default=None, repr=False, compare=False)  # a frozen head's weights in the autocast dtype
 
     @property
     def params(self) -> list[torch.Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
+    def cast(self, vocab: int, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first ``vocab`` rows of the weight and bias (detached) in ``dtype`` (``None``: as they are).
+
+        A trainable head is cast anew on each call (its weights change every step); a frozen one (a
+        LoRA student's, a teacher's) is cast once and the copy kept, so a step allocates no ``[V, H]``
+        tensor for it at all.
+        """
+        w = self.weight.detach()[:vocab]
+        b = None if self.bias is None else self.bias.detach()[:vocab]
+        if dtype is None or w.dtype == dtype:
+            return w, b
+        frozen = not any(p.requires_grad for p in self.params)
+        key = (vocab, dtype, w.device)
+        if frozen and self._cast is not None and self._cast[0] == key:
+            return self._cast[1], self._cast[2]
+        w, b = w.to(dtype), (None if b is None else b.to(dtype))
+        if frozen:
+            self._cast = (key, w, b)
+        return w, b
+
     def linear(self, h: torch.Tensor, vocab: int) -> torch.Tensor:
-        """``h W^T + b`` for the first ``vocab`` rows (no post-processing)."""
-        return F.linear(h, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
+        """``h W^T + b`` for the first ``vocab`` rows (no post-processing), in the autocast dtype if on."""
+        if any(p.requires_grad for p in self.params):  # trainable: differentiable (autocast casts as usual)
+            return F.linear(h, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
+        kind = h.device.type  # frozen (a teacher's, a LoRA student's): the weight cast once, kept
+        w, b = self.cast(vocab, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
+        return F.linear(h, w, b)
 
     def post(self, z: torch.Tensor) -> torch.Tensor:
         """What follows the linear layer (differentiable): scale, then soft-cap."""
@@ -213,10 +238,13 @@ class TeacherRows:
         return int(self.rows.shape[0])
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.rows.device.type, enabled=False):  # in the teacher's dtype
             x = self.rows[sl]
             z = self.head(x, self.vocab) if self.head is not None else x[:, :self.vocab]
-            return z if self.out_device is None else z.to(self.out_device, non_blocking=True)
+            if self.out_device is None:
+                return z
+            # asynchronous only into a GPU (a copy into host memory must be complete before the CPU reads it)
+            return z.to(self.out_device, non_blocking=self.out_device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,10 +306,7 @@ class _Loop:
         dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         w = b = None
         if head is not None:  # the head's weights in the matmul dtype, cast once (not once per chunk)
-            w = head.weight.detach()[:vocab]
-            b = None if head.bias is None else head.bias.detach()[:vocab]
-            if dt is not None:
-                w, b = w.to(dt), (None if b is None else b.to(dt))
+            w, b = head.cast(vocab, dt)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if grad and rows.requires_grad else None
         if grad_rows is not None and head is None and vocab < rows.shape[-1]:

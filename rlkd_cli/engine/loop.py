@@ -76,6 +76,8 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
         bar = Progress(enabled=bool(tc.get("progress", True)) and runtime.is_main, total=int(tc.max_steps),
                        start=state.step, label=s.label)
         window = _Window()
+        runtime.peaks.clear()
+        runtime.peak_memory(reset=True)  # the memory figures are the training's (not set-up's, not a teacher's training)
         with _sigterm() as sigterm, contextlib.closing(metrics), contextlib.closing(bar):
             while state.step < int(tc.max_steps):
                 if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
@@ -328,11 +330,13 @@ def save(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState) -> Path | 
 
 def _base_source(model_cfg: DictConfig) -> str | None:
     """Where a LoRA student's base weights come from: its ``name_or_path`` (absolute when local), else ``None``
-    (built from an ``arch`` spec: the checkpoint stores them)."""
+    (built from an ``arch`` spec, or itself a LoRA checkpoint: the checkpoint stores them in ``base/``)."""
     name = model_cfg.get("name_or_path")
     if not name:
         return None
     local = Path(str(name)).expanduser()
+    if models.is_adapter(local):  # a LoRA checkpoint, merged on load: plain peft could not load it as a base
+        return None
     return str(local.resolve()) if local.exists() else str(name)
 
 

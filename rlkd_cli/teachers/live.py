@@ -23,15 +23,17 @@ class LiveTeacher:
     def rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, split: str | None = None) -> TeacherRows:
         """The teacher's final hidden rows (or logits) at the batch's scored positions ``idx``.
 
-        The teacher runs on its own device (``teacher.device``); each chunk's logits come back on the
-        batch's device.
+        The teacher runs on its own device (``teacher.device``) in its own dtype (``teacher.dtype``:
+        autocast is off for it, so an fp32 teacher computes in fp32 under bf16 training); each chunk's
+        logits come back on the batch's device.
         """
         out = batch["input_ids"].device
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        if self.head is not None:
-            hidden = trunk_forward(self.model, ids, mask)
-        else:
-            hidden = self.model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast(self.device.type, enabled=False):  # the teacher computes in its own dtype
+            if self.head is not None:
+                hidden = trunk_forward(self.model, ids, mask)
+            else:
+                hidden = self.model(input_ids=ids, attention_mask=mask).logits
         return TeacherRows(gather_rows(hidden, idx.to(self.device)), self.head, self.vocab,
                            out_device=out if out != self.device else None)
 
@@ -97,8 +99,8 @@ def teacher_device(tc: DictConfig, runtime) -> torch.device:
                                              f"device(s) (cuda:0..cuda:{count - 1}); choose one of them")
     else:
         require(device.type == "cpu", f"teacher.device={tc.device}: rlkd places teachers on cpu or cuda devices")
-    if runtime.distributed and device != runtime.device:
+    if runtime.distributed and device.type == "cuda":  # decided alike on every process
         raise RlkdError(f"teacher.device={tc.device} with {runtime.world} processes would put every process's "
-                        "teacher on that one device; drop teacher.device under DDP (each process's teacher goes "
-                        "on its own GPU)")
+                        "teacher on that one GPU; drop teacher.device under DDP (each process's teacher goes on "
+                        "its own GPU) or use teacher.device=cpu")
     return device
