@@ -17,8 +17,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def make_model(arch: dict, vocab: int, seed: int, device: str = "cpu"):
-    """A random-initialised Llama of ``arch``'s size, built directly on ``device`` (no CPU copy of a large model)."""
+def make_model(arch: dict, vocab: int, seed: int, device: str = "cpu", dtype=None):
+    """A random-initialised Llama of ``arch``'s size, built directly on ``device`` in ``dtype`` (no CPU copy,
+    no float32 copy of a bf16 teacher)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -29,7 +30,8 @@ def make_model(arch: dict, vocab: int, seed: int, device: str = "cpu"):
                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype) if dtype is not None \
+            else AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # peaked next-token distributions, like a trained LM's, not a flat random init
         model.get_output_embeddings().weight.mul_(20.0)
     return model
@@ -111,11 +113,11 @@ class RlkdRunner:
         self.spec, self.device = spec, device
         self.runtime = Runtime.create({"device": device})  # what a command does: CPU allocator, denormals, ...
         self.dev = self.runtime.device
-        self.teacher = teacher if teacher is not None else make_model(spec["teacher"], spec["vocab"], 1,
-                                                                       device=str(self.dev))
+        bf16 = torch.bfloat16 if self.runtime.precision == "bf16" else None  # the teacher as rlkd loads it
+        self.teacher = teacher if teacher is not None else teacher_model(spec, str(self.dev))
         self.teacher.requires_grad_(False).eval().to(self.dev)
-        if self.runtime.precision == "bf16":
-            self.teacher.to(torch.bfloat16)
+        if bf16 is not None:
+            self.teacher.to(bf16)
         self.student = student if student is not None else make_model(spec["student"], spec["vocab"], 2,
                                                                        device=str(self.dev))
         self.live = LiveTeacher(self.teacher, spec["vocab"])
@@ -167,3 +169,22 @@ def _preload() -> None:
     import datasets  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
+
+def trl_models(spec: dict, device: str):
+    """For a TRL worker: the memory probe (started after the imports) and the bench teacher and student on
+    ``device``, the teacher in bf16 on a GPU as rlkd runs it."""
+    _preload()
+    memory = Memory(device)
+    memory.reset()
+    teacher = teacher_model(spec, device)
+    student = make_model(spec["student"], spec["vocab"], 2, device=device)
+    return memory, teacher, student
+
+
+def teacher_model(spec: dict, device: str):
+    """The bench teacher (seed 1), built first everywhere: bf16 on a GPU (as rlkd and TRL run it), else fp32."""
+    import torch
+
+    return make_model(spec["teacher"], spec["vocab"], 1, device=device,
+                      dtype=torch.bfloat16 if device == "cuda" else None)

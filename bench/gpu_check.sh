@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): one prepared script, about 6 minutes on one H200; every result is a file
-# under ${OUT:-outputs/gpu-check}/. Without a GPU it runs its CPU parts in about two minutes (what CI
-# can afford) and says which parts it left out.
+# The GPU check (issue 14): one prepared script, planned for at most 6 minutes on one H200 (not yet run on
+# a GPU: no GPU was lent to the session that wrote it); every result is a file under $OUT (default
+# outputs/gpu-check/<time>/). Without a GPU it runs its CPU parts in about a minute (what CI can afford)
+# and says which parts it left out.
 #
 #   bash bench/gpu_check.sh                  # from the repository root
 #
@@ -19,9 +20,10 @@
 #                    LoRA, against TRL GKD)                                             -> large.json, large.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-outputs/gpu-check}
+OUT=${OUT:-outputs/gpu-check/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8   # deterministic cuBLAS, set before any process touches CUDA (resume test)
 if ! python3 -c "import hydra" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -51,7 +53,8 @@ print(json.dumps(info, indent=2))
 EOF
 
 # 1. the CUDA tests (skipped without a GPU: the run then shows them as skipped)
-part cuda-tests sh -c "python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_cuda.py -rs > '$OUT/pytest-cuda.txt' 2>&1"
+# (-o addopts=: the project's "-n 2" needs pytest-xdist, which the GPU image may lack)
+part cuda-tests sh -c "python3 -m pytest -o addopts= -q -p no:cacheprovider -rs tests/test_cuda.py > '$OUT/pytest-cuda.txt' 2>&1"
 
 # 2. the embedded default, bf16 on CUDA next to the CPU run (the CPU one in the background)
 distill() {  # distill DEVICE [overrides...]
@@ -60,12 +63,14 @@ distill() {  # distill DEVICE [overrides...]
       hydra.run.dir="$OUT/distill-$dev" cache_dir="$OUT/cache" "$@"
 }
 if [ "$GPU" = 1 ]; then
-  # the tiny teacher is trained on first use: train it once, on the GPU, before the two runs share it
-  part teacher python3 -m rlkd_cli distill trainer.device=cuda trainer.progress=false trainer.max_steps=1 \
-      trainer.eval_every=0 hydra.run.dir="$OUT/teacher-warmup" cache_dir="$OUT/cache"
-  distill cpu > "$OUT/distill-cpu.log" 2>&1 &
+  # one teacher for both runs, trained on the GPU with the tiny teacher's own settings (conf/teacher/tiny.yaml)
+  part teacher python3 -m rlkd_cli sft trainer.device=cuda trainer.progress=false trainer.max_steps=400 \
+      trainer.warmup_steps=30 trainer.eval_every=200 trainer.save_every=0 hydra.run.dir="$OUT/teacher" \
+      cache_dir="$OUT/cache"
+  teacher="$OUT/teacher/checkpoints/$(cat "$OUT/teacher/checkpoints/latest" 2>/dev/null)"
+  distill cpu teacher.name_or_path="$teacher" > "$OUT/distill-cpu.log" 2>&1 &
   cpu_pid=$!
-  part distill-cuda distill cuda
+  part distill-cuda distill cuda teacher.name_or_path="$teacher"
   wait $cpu_pid; echo "distill-cpu $([ $? -eq 0 ] && echo ok || echo FAILED)" | tee -a "$OUT/status.txt"
 else  # CPU only: a smoke-sized run shows the command path works; the comparison needs the GPU
   part distill-cpu-smoke distill cpu experiment=smoke
@@ -83,7 +88,8 @@ EOF
 
 # 3. and 4. the benchmark (GPU: the quick size and the large models; CPU: the tiny size only)
 if [ "$GPU" = 1 ]; then
-  part bench sh -c "python3 bench/run.py --quick --device cuda --out '$OUT/bench.json' > '$OUT/bench.txt' 2>&1"
+  part bench sh -c "python3 bench/run.py --quick --device cuda --only ratios --only onpolicy --only memory \
+      --out '$OUT/bench.json' > '$OUT/bench.txt' 2>&1"
   part large sh -c "python3 bench/run.py --only large --device cuda --out '$OUT/large.json' > '$OUT/large.txt' 2>&1"
 else
   skip=""; python3 -c "import trl" 2>/dev/null || skip="--skip-trl"  # TRL is the bench extra

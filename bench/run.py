@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE))
 
 import scale  # noqa: E402  (bench/scale.py: on-policy, memory and large-model rows)
 from common import (Memory, RlkdRunner, _preload, collate, make_examples, make_model, objective,  # noqa: E402,F401
-                    response_tokens, sync, timed)
+                    response_tokens, sync, timed, trl_models)
 
 QUICK = {
     "vocab": 32000,
@@ -161,20 +161,13 @@ def worker_trl(spec: dict, device: str, peft_config=None, liger: bool = False) -
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     warnings.filterwarnings("ignore")
     import datasets
-    import torch
     from transformers import TrainerCallback
     try:  # TRL >= 1.0 keeps GKD under trl.experimental
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:
         from trl import GKDConfig, GKDTrainer
 
-    _preload()
-    memory = Memory(device)
-    memory.reset()
-    teacher = make_model(spec["teacher"], spec["vocab"], 1, device=device)
-    student = make_model(spec["student"], spec["vocab"], 2, device=device)
-    if device == "cuda":
-        teacher.to(torch.bfloat16)
+    memory, teacher, student = trl_models(spec, device)
     examples = make_examples(spec, spec["batch"] * (spec["trl_steps"] + 1), seed=1)
     ds = datasets.Dataset.from_list(examples)
     timer = scale._Times(device, TrainerCallback)
@@ -183,7 +176,8 @@ def worker_trl(spec: dict, device: str, peft_config=None, liger: bool = False) -
                          learning_rate=1e-5, lmbda=0.0, beta=0.0, temperature=1.0, max_length=spec["seq"],
                          logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device == "cpu",
                          bf16=device == "cuda", dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
-                         lr_scheduler_type="constant", disable_tqdm=True, use_liger_kernel=liger)
+                         lr_scheduler_type="constant", disable_tqdm=True, use_liger_kernel=liger,
+                         gradient_checkpointing=False)  # TRL's configs default to True; rlkd's step runs without
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                              data_collator=collate, processing_class=scale.word_tokenizer(8), callbacks=[timer],
                              peft_config=peft_config)
@@ -202,11 +196,12 @@ def liger_available(device: str) -> bool:
     return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
-def run_worker(name: str, spec: dict, device: str) -> dict:
-    """``WORKERS[name](spec, device)`` in a fresh process (its peak memory its own); its JSON result."""
+def run_worker(name: str, spec: dict, device: str, env: dict | None = None) -> dict:
+    """``WORKERS[name](spec, device)`` in a fresh process (its peak memory its own; ``env`` added to its
+    environment); its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", json.dumps(spec),
            "--device", device]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
     if res.returncode != 0:
         raise SystemExit(f"bench: the {name} worker failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -339,6 +334,8 @@ def main() -> None:
     results = run_parts(spec, device, parts, skip_trl=args.skip_trl)
     results["mode"] = mode
     out = Path(args.out)
+    if args.only:  # a re-run of some parts: keep the other parts of an earlier run of the same set-up
+        results = merge_parts(out, results)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out)
@@ -354,6 +351,20 @@ def main() -> None:
     print(table(results))
     print(scale_table(results))
     print(f"\n{out} written ({results['wall_s']} s)")
+
+
+def merge_parts(out: Path, results: dict) -> dict:
+    """``results`` (some parts) over the parts of ``out`` when ``out`` holds a run of the same spec and device."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return results
+    if old.get("spec") != results["spec"] or old.get("machine", {}).get("device") != results["machine"]["device"]:
+        return results
+    merged = {**old, **{k: v for k, v in results.items() if k not in ("ratios", "wall_s")}}
+    merged["ratios"] = {**old.get("ratios", {}), **results["ratios"]}
+    merged["wall_s"] = {"parts": results["wall_s"], "earlier": old.get("wall_s")}
+    return merged
 
 
 def run_parts(spec: dict, device: str, parts: set[str], *, skip_trl: bool = False) -> dict:

@@ -9,8 +9,9 @@
   (``student.peft.r=8``), a frozen LM head (what LoRA's frozen head saves on its own) and gradient
   checkpointing: step time, peak memory, and the first step's loss (gradient checkpointing must not
   change it).
-* **large models** (GPU only, ``--large``): a Llama student of about 1.1 B parameters and a teacher of
-  about 3.2 B at sequence length 1024, initialised directly on the GPU in bf16/fp32, full fine-tuning
+* **large models** (GPU only, ``--only large``): a Llama student of about 1.1 B parameters and a teacher
+  of about 3.2 B at sequence length 1024, initialised directly on the GPU (the teacher in bf16, the
+  student in fp32, teacher first), full fine-tuning
   and LoRA, rlkd's step against TRL's ``GKDTrainer`` on the same models (TRL with ``peft_config`` for
   LoRA).
 
@@ -35,6 +36,12 @@ LARGE = {
     "batch": 4, "seq": 1024, "prompt": 256, "trl_steps": 4,
 }
 MEMORY_VARIANTS = ("full", "lora", "frozen_head", "gradient_checkpointing")
+#: The memory rows' CPU setting: glibc maps every allocation of 64 KiB or more on its own and unmaps it
+#: when freed (and rlkd's allocator tuning, ``runtime.tune_cpu_allocator``, stays off), so the resident
+#: set follows the live tensors -- the CPU's counterpart of ``torch.cuda.max_memory_allocated``. With
+#: the tuned allocator a process keeps freed activation memory for reuse, and its peak RSS (about 25 %
+#: above the live peak at the default size) hides savings such as LoRA's optimizer state.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def word_tokenizer(vocab: int):
@@ -128,19 +135,12 @@ def worker_trl_distill(spec: dict, device: str) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     warnings.filterwarnings("ignore")
     import datasets
-    import torch
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from common import Memory, _preload, make_model, sync
+    from common import trl_models
 
-    _preload()
-    memory = Memory(device)
-    memory.reset()
-    teacher = make_model(spec["teacher"], spec["vocab"], 1, device=device)
-    student = make_model(spec["student"], spec["vocab"], 2, device=device)
-    if device == "cuda":
-        teacher.to(torch.bfloat16)
+    memory, teacher, student = trl_models(spec, device)
     tokenizer = word_tokenizer(spec["vocab"])
     tokenizer.padding_side = "left"
     steps = spec["trl_steps"] + 1
@@ -154,7 +154,7 @@ def worker_trl_distill(spec: dict, device: str) -> dict:
             beta=0.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=spec["new_tokens"],
             logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device == "cpu", bf16=device == "cuda",
             dataloader_num_workers=0, max_grad_norm=1.0, seed=0, lr_scheduler_type="constant", disable_tqdm=True,
-            shuffle_dataset=False)
+            shuffle_dataset=False, gradient_checkpointing=False)  # TRL defaults to True; rlkd's step runs without
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                                       processing_class=tokenizer, callbacks=[timer])
         trainer.train()
@@ -179,13 +179,18 @@ def _count_generated(model, *, pad: int) -> list[int]:
 
 def worker_rlkd_memory(spec: dict, device: str) -> dict:
     """The engine's kl step with the student of ``spec["variant"]`` (see :data:`MEMORY_VARIANTS`)."""
-    from common import Memory, RlkdRunner, _preload, collate, make_examples, objective, sync
+    from common import Memory, RlkdRunner, _preload, collate, make_examples, objective, sync, teacher_model
     from rlkd_cli import models
 
     _preload()
+    if spec.get("live_memory"):  # see LIVE_MEMORY_ENV: glibc's default mapping, not rlkd's reuse of freed memory
+        import rlkd_cli.runtime
+
+        rlkd_cli.runtime.tune_cpu_allocator = lambda: False
     memory = Memory(device)
     memory.reset()
-    runner = RlkdRunner(spec, device, student=_student(spec, device, spec["variant"]))
+    teacher = teacher_model(spec, device)  # teacher first, then the student: the order TRL's workers use
+    runner = RlkdRunner(spec, device, teacher=teacher, student=_student(spec, device, spec["variant"]))
     examples = make_examples(spec, spec["batch"] * (spec["trl_steps"] + 1), seed=1)
     kl = objective("kl")
     times, first_loss = [], None
@@ -276,11 +281,16 @@ def onpolicy(spec: dict, device: str, run_worker) -> dict:
 
 
 def memory(spec: dict, device: str, run_worker, variants=MEMORY_VARIANTS) -> dict:
-    """Step time, peak memory and first loss of each memory variant (fresh processes, taking turns)."""
+    """Step time, peak memory and first loss of each memory variant (fresh processes, taking turns).
+
+    On the CPU the workers run with :data:`LIVE_MEMORY_ENV`, so that their peak RSS is their live
+    tensors' peak (see there); their step times are measured under the same setting.
+    """
+    env = LIVE_MEMORY_ENV if device == "cpu" else None
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(spec["trl_rounds"]):
         for v in variants:
-            out = run_worker("rlkd-memory", {**spec, "variant": v}, device)
+            out = run_worker("rlkd-memory", {**spec, "variant": v, "live_memory": env is not None}, device, env)
             runs[v].append(out)
             print(f"  memory round {r + 1}: {v:22s} median step {statistics.median(out['step_s']) * 1e3:8.1f} ms, "
                   f"peak {out['peak_bytes'] / 2**20:8.1f} MiB", file=sys.stderr)
@@ -291,7 +301,7 @@ def memory(spec: dict, device: str, run_worker, variants=MEMORY_VARIANTS) -> dic
     for row in rows.values():
         row["step_vs_full"] = row["median_step_s"] / full["median_step_s"]
         row["peak_vs_full"] = row["peak_bytes"] / full["peak_bytes"]
-    return {"rows": rows, "runs": runs}
+    return {"rows": rows, "runs": runs, "live_memory": env is not None}
 
 
 def large(spec: dict, device: str, run_worker) -> dict:

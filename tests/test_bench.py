@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -84,3 +85,33 @@ def test_trl_distillation_trainer_worker_runs_on_policy(bench, TINY):
     pytest.importorskip("trl", reason="TRL is the bench extra (pip install -e '.[bench]')")
     out = bench.scale.worker_trl_distill(dict(TINY), "cpu")  # in this process: TRL's import is the cost
     assert len(out["step_s"]) == TINY["trl_steps"] and all(n > 0 for n in out["generated_tokens"])
+
+
+def test_memory_rows_measure_live_memory_on_the_cpu(bench, TINY):
+    seen = []
+
+    def fake_worker(name, spec, device, env=None):
+        seen.append((name, spec["variant"], spec["live_memory"], env))
+        return {"step_s": [1.0], "peak_bytes": 100 if spec["variant"] == "full" else 50, "first_loss": 1.0,
+                "trainable": 1, "total": 2}
+
+    out = bench.scale.memory({**TINY, "trl_rounds": 1}, "cpu", fake_worker)
+    assert [v for _, v, _, _ in seen] == list(bench.scale.MEMORY_VARIANTS)
+    assert all(live and env == bench.scale.LIVE_MEMORY_ENV for _, _, live, env in seen)
+    assert out["live_memory"] and out["rows"]["lora"]["peak_vs_full"] == 0.5
+    seen.clear()
+    bench.scale.memory({**TINY, "trl_rounds": 1}, "cuda", fake_worker)  # on a GPU: the allocator's own figures
+    assert all(not live and env is None for _, _, live, env in seen)
+
+
+def test_only_some_parts_keep_the_other_parts_of_the_same_setup(bench, tmp_path):
+    out = tmp_path / "results.json"
+    spec, machine = {"vocab": 8}, {"device": "cpu"}
+    out.write_text(json.dumps({"spec": spec, "machine": machine, "ratios": {"rank_overhead": 0.004},
+                               "in_process": {"x": 1}, "memory": {"old": True}, "wall_s": 300.0}))
+    new = {"spec": spec, "machine": machine, "ratios": {}, "memory": {"new": True}, "wall_s": 20.0}
+    merged = bench.merge_parts(out, new)
+    assert merged["memory"] == {"new": True} and merged["in_process"] == {"x": 1}
+    assert merged["ratios"] == {"rank_overhead": 0.004} and merged["wall_s"] == {"parts": 20.0, "earlier": 300.0}
+    other = dict(new, spec={"vocab": 16})  # another set-up: nothing of the old file is kept
+    assert bench.merge_parts(out, other) is other

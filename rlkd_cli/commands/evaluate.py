@@ -9,16 +9,9 @@ Sources of outputs (exactly one):
   groups lines into rows, so a ``predictions.jsonl`` written by this command can be re-scored),
   scored against the references of the split without loading any model.
 
-The metric comes from the dataset config (``dataset.metric``):
+The metric comes from the dataset config (``dataset.metric``): ``accuracy`` (GSM8K, synthetic_math) and
+``rougeL`` (Dolly, XSum) as :mod:`rlkd_cli.scoring` defines them, and
 
-``accuracy`` (GSM8K, synthetic_math)
-    Exact match of the final number: the first number after ``####`` when the text has one, else
-    the last number of the text; ``$`` and thousands separators are ignored and numbers compare as
-    decimals (``18.0 == 18``). accuracy = correct / scored, where scored counts the examples whose
-    reference has a final number.
-``rougeL`` (Dolly, XSum)
-    ROUGE-L F1 (longest common subsequence; ``rouge-score`` with Porter stemming) of every
-    prediction against its reference; the corpus score is ``100 * mean_i F1_i``.
 ``perplexity`` (text, jsonl)
     ``exp(sum NLL / number of reference tokens)`` over the response tokens (the ``labels != -100``
     positions of :func:`rlkd_cli.data.dataset.build_split`, including the eos that ends each response),
