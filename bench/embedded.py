@@ -13,7 +13,7 @@ times are compared):
 
     python bench/embedded.py [--steps 300] [--init scratch sft] [--out outputs/bench-embedded]
 
-It drives the ``rlkd`` command line (what a user runs), one run after the other; about 25 minutes
+It drives the ``rlkd`` command line (what a user runs), one run after the other; about 18 minutes
 on 2 CPU cores for both starting points.
 """
 

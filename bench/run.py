@@ -1,8 +1,8 @@
 """rlkd's speed and memory against its goals (issue 6): a table on stdout and ``bench/results.json``.
 
-    python bench/run.py --quick          # a few minutes on 2 CPU cores
-    python bench/run.py                  # larger models, more repeats
-    python bench/run.py --device cuda    # on a GPU (bf16 autocast)
+    python bench/run.py --quick          # a few minutes on 2 CPU cores: bench/results.json
+    python bench/run.py                  # larger models, more repeats: bench/results-full.json
+    python bench/run.py --device cuda    # on a GPU (bf16 autocast): bench/results-full-cuda.json
 
 Every ratio is a median of repeated steps measured side by side in this one run: the variants of
 one comparison take turns step by step (A B C A B C ...), so a slow patch of the machine hits all
@@ -304,7 +304,9 @@ def main() -> None:
     ap.add_argument("--skip-trl", action="store_true", help="leave out the comparisons with TRL")
     ap.add_argument("--only", choices=["ratios", "onpolicy", "memory", "large"], action="append",
                     help="run only these parts (repeatable); default: ratios, onpolicy, memory (+ large on CUDA)")
-    ap.add_argument("--out", default=str(HERE / "results.json"), help="where the JSON results go")
+    ap.add_argument("--out", help="where the JSON results go (default: bench/results.json for --quick, "
+                    "bench/results-full.json for the default size, outputs/bench-tiny.json for --tiny; "
+                    "-cuda before .json on a GPU)")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -333,7 +335,10 @@ def main() -> None:
           file=sys.stderr)
     results = run_parts(spec, device, parts, skip_trl=args.skip_trl)
     results["mode"] = mode
-    out = Path(args.out)
+    suffix = "-cuda" if device == "cuda" else ""  # GPU figures never overwrite the CPU ones
+    out = Path(args.out or {"quick": HERE / f"results{suffix}.json", "full": HERE / f"results-full{suffix}.json",
+                            "tiny": REPO / "outputs" / f"bench-tiny{suffix}.json"}[mode])
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.only:  # a re-run of some parts: keep the other parts of an earlier run of the same set-up
         results = merge_parts(out, results)
     tmp = out.with_name(out.name + ".tmp")
