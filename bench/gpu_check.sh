@@ -21,6 +21,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu-check/$(date +%Y%m%d-%H%M%S)}
+if [ -e "$OUT/status.txt" ]; then  # never mix two checks' files (or refuse half of the second one's runs)
+  echo "error: $OUT already holds a GPU check's results; choose another folder with OUT=..." >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=:4096:8   # deterministic cuBLAS, set before any process touches CUDA (resume test)
