@@ -27,7 +27,6 @@ if [ -e "$OUT/status.txt" ]; then  # never mix two checks' files (or refuse half
 fi
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export CUBLAS_WORKSPACE_CONFIG=:4096:8   # deterministic cuBLAS, set before any process touches CUDA (resume test)
 if ! python3 -c "import hydra" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -58,7 +57,8 @@ EOF
 
 # 1. the CUDA tests (skipped without a GPU: the run then shows them as skipped)
 # (-o addopts=: the project's "-n 2" needs pytest-xdist, which the GPU image may lack)
-part cuda-tests sh -c "python3 -m pytest -o addopts= -q -p no:cacheprovider -rs tests/test_cuda.py > '$OUT/pytest-cuda.txt' 2>&1"
+# (deterministic cuBLAS for the resume test, set before the process touches CUDA; not for the timed parts)
+part cuda-tests env CUBLAS_WORKSPACE_CONFIG=:4096:8 sh -c "python3 -m pytest -o addopts= -q -p no:cacheprovider -rs tests/test_cuda.py > '$OUT/pytest-cuda.txt' 2>&1"
 
 # 2. the embedded default, bf16 on CUDA next to the CPU run (the CPU one in the background)
 distill() {  # distill DEVICE [overrides...]

@@ -339,6 +339,7 @@ def main() -> None:
     out = Path(args.out or {"quick": HERE / f"results{suffix}.json", "full": HERE / f"results-full{suffix}.json",
                             "tiny": REPO / "outputs" / f"bench-tiny{suffix}.json"}[mode])
     out.parent.mkdir(parents=True, exist_ok=True)
+    wall = results["wall_s"]
     if args.only:  # a re-run of some parts: keep the other parts of an earlier run of the same set-up
         results = merge_parts(out, results)
     tmp = out.with_name(out.name + ".tmp")
@@ -355,20 +356,22 @@ def main() -> None:
     print()
     print(table(results))
     print(scale_table(results))
-    print(f"\n{out} written ({results['wall_s']} s)")
+    print(f"\n{out} written ({wall} s)")
 
 
 def merge_parts(out: Path, results: dict) -> dict:
-    """``results`` (some parts) over the parts of ``out`` when ``out`` holds a run of the same spec and device."""
+    """``results`` (some parts) over the parts of ``out`` when ``out`` holds a run of the same spec on the
+    same machine and software (else ``results`` alone); ``reruns`` records which parts were measured again."""
     try:
         old = json.loads(out.read_text())
     except (OSError, ValueError):
         return results
-    if old.get("spec") != results["spec"] or old.get("machine", {}).get("device") != results["machine"]["device"]:
+    if old.get("spec") != results["spec"] or old.get("machine") != results["machine"]:
         return results
-    merged = {**old, **{k: v for k, v in results.items() if k not in ("ratios", "wall_s")}}
+    merged = {**old, **{k: v for k, v in results.items() if k not in ("ratios", "wall_s", "parts")}}
     merged["ratios"] = {**old.get("ratios", {}), **results["ratios"]}
-    merged["wall_s"] = {"parts": results["wall_s"], "earlier": old.get("wall_s")}
+    merged["wall_s"] = old.get("wall_s")
+    merged["reruns"] = [*old.get("reruns", []), {"parts": results["parts"], "wall_s": results["wall_s"]}]
     return merged
 
 
@@ -391,6 +394,7 @@ def run_parts(spec: dict, device: str, parts: set[str], *, skip_trl: bool = Fals
     if "large" in parts:
         results["large"] = scale.large({**scale.LARGE, "trl_rounds": 1}, device, run_worker)
     results["wall_s"] = round(time.perf_counter() - started, 1)
+    results["parts"] = sorted(parts)
     return results
 
 

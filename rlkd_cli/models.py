@@ -294,13 +294,30 @@ def plain_state_dict(model, *, merge: bool = False) -> dict[str, torch.Tensor]:
             if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
                 deltas[f"{name}.weight"] = module.get_delta_weight("default").detach().cpu()
     out: dict[str, torch.Tensor] = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key:
-            continue
-        key = key.replace(".base_layer.", ".")
+    for key, value in _base_tensors(model).items():
         value = value.detach().cpu()
         out[key] = value + deltas[key].to(value.dtype) if key in deltas else value
     return out
+
+
+def _base_tensors(model) -> dict[str, torch.Tensor]:
+    """A LoRA model's base weights under the plain model's names, where they are (no copy)."""
+    return {key.replace(".base_layer.", "."): value for key, value in model.get_base_model().state_dict().items()
+            if "lora_" not in key}
+
+
+def _same_base(model, saved: Path) -> bool:
+    """Whether the LoRA ``model``'s base weights equal the ``saved`` safetensors file's, read one tensor at a
+    time (never a second copy of the base in memory). Names the file and the model do not share (a
+    format that renames weights on save) cannot be compared and are left out; with none shared, ``True``."""
+    from safetensors import safe_open
+
+    current = _base_tensors(model)
+    with safe_open(str(saved), framework="pt") as f:
+        shared = [k for k in f.keys() if k in current]
+        if not shared:
+            log.warning("cannot check the base weights against %s: it shares no weight names with the model", saved)
+        return all(torch.equal(f.get_tensor(k), current[k].detach().cpu()) for k in shared)
 
 
 def load_adapter_model(folder: Path, *, role: str, dtype: torch.dtype | None = None,
@@ -348,9 +365,7 @@ def load_adapter_weights(model, folder: Path) -> None:
                         "resume from an earlier checkpoints/step-* folder") from e
     base = Path(folder) / "base" / "model.safetensors"
     if base.is_file():  # the frozen base this adapter was trained on: this run's must be the same
-        saved, current = load_file(str(base)), plain_state_dict(model)
-        same = saved.keys() <= current.keys() and all(torch.equal(saved[k], current[k]) for k in saved)
-        require(same, f"checkpoint {folder} was trained on other base weights (its base/ differs from this run's "
+        require(_same_base(model, base), f"checkpoint {folder} was trained on other base weights (its base/ differs from this run's "
                       "student); resume with the student config it was trained with")
     result = set_peft_model_state_dict(model, weights)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

@@ -207,6 +207,11 @@ class Runtime:
             self.peaks[key] = max(self.peaks.get(key, 0.0), value)
         return out
 
+    def new_memory_window(self) -> None:
+        """Start counting peak memory afresh: a new window, and the highest peaks so far forgotten."""
+        self.peak_memory(reset=True)
+        self.peaks.clear()
+
     def barrier(self) -> None:
         if self.distributed:
             self.accelerator.wait_for_everyone()

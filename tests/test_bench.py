@@ -109,9 +109,11 @@ def test_only_some_parts_keep_the_other_parts_of_the_same_setup(bench, tmp_path)
     spec, machine = {"vocab": 8}, {"device": "cpu"}
     out.write_text(json.dumps({"spec": spec, "machine": machine, "ratios": {"rank_overhead": 0.004},
                                "in_process": {"x": 1}, "memory": {"old": True}, "wall_s": 300.0}))
-    new = {"spec": spec, "machine": machine, "ratios": {}, "memory": {"new": True}, "wall_s": 20.0}
+    new = {"spec": spec, "machine": machine, "ratios": {}, "memory": {"new": True}, "wall_s": 20.0,
+           "parts": ["memory"]}
     merged = bench.merge_parts(out, new)
     assert merged["memory"] == {"new": True} and merged["in_process"] == {"x": 1}
-    assert merged["ratios"] == {"rank_overhead": 0.004} and merged["wall_s"] == {"parts": 20.0, "earlier": 300.0}
-    other = dict(new, spec={"vocab": 16})  # another set-up: nothing of the old file is kept
-    assert bench.merge_parts(out, other) is other
+    assert merged["ratios"] == {"rank_overhead": 0.004} and merged["wall_s"] == 300.0
+    assert merged["reruns"] == [{"parts": ["memory"], "wall_s": 20.0}]
+    for other in (dict(new, spec={"vocab": 16}), dict(new, machine={"device": "cpu", "torch": "other"})):
+        assert bench.merge_parts(out, other) is other  # another set-up or machine: nothing of the old file kept

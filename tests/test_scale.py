@@ -58,6 +58,10 @@ def test_a_frozen_head_is_cast_to_the_autocast_dtype_once_a_trainable_one_every_
     w1, _ = frozen.cast(VOCAB, torch.bfloat16)
     w2, _ = frozen.cast(VOCAB, torch.bfloat16)
     assert w1 is w2 and w1.dtype == torch.bfloat16 and w1.shape[0] == VOCAB
+    with torch.no_grad():  # frozen weights written in place (a load_state_dict, say): cast anew, never stale
+        frozen.weight.mul_(2)
+    w3, _ = frozen.cast(VOCAB, torch.bfloat16)
+    assert w3 is not w1 and torch.equal(w3, (frozen.weight[:VOCAB]).to(torch.bfloat16))
     trainable = split_lm(tiny_lm(1, 32), VOCAB)
     a, _ = trainable.cast(VOCAB, torch.bfloat16)
     b, _ = trainable.cast(VOCAB, torch.bfloat16)
@@ -152,7 +156,8 @@ def test_lora_checkpoint_loads_with_plain_peft_in_a_python_without_rlkd(lora_run
     train_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                   if json.loads(line)["split"] == "train"]
     assert train_rows and all(r["mem/peak_rss_mb"] > 50 for r in train_rows)
-    assert summary["mem/peak_rss_mb"] >= max(r["mem/peak_rss_mb"] for r in train_rows)
+    # the run's peak is its training's: the highest of its log windows (set-up's memory is not in it)
+    assert summary["mem/peak_rss_mb"] == max(r["mem/peak_rss_mb"] for r in train_rows)
 
 
 def test_measure_alignment_evaluate_and_generate_take_an_adapter_checkpoint(lora_run, tmp_path):
@@ -172,6 +177,19 @@ def test_measure_alignment_evaluate_and_generate_take_an_adapter_checkpoint(lora
                    "eval.max_new_tokens=8", f"hydra.run.dir={tmp_path}/ev"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["models"][0]["examples"] == 4
+
+
+def test_lora_resume_refuses_an_adapter_trained_on_other_base_weights(tmp_path):
+    from rlkd_cli.errors import RlkdError
+
+    model = _lora_student()
+    models.save_adapter_model(model, tmp_path / "ckpt", merge=False, base_source=None)  # writes base/
+    models.load_adapter_weights(_lora_student(), tmp_path / "ckpt")  # the same base: loads
+    other = _lora_student()
+    with torch.no_grad():
+        other.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight.add_(1e-3)
+    with pytest.raises(RlkdError, match="trained on other base weights"):
+        models.load_adapter_weights(other, tmp_path / "ckpt")
 
 
 def test_lora_resume_is_bit_identical(tmp_path):
@@ -279,3 +297,16 @@ def test_teacher_and_student_vocabularies_differing_only_by_padding_rows(tmp_pat
     same_student = train("distill", common + [f"teacher.name_or_path={tmp_path / 'padded-teacher'}"],
                          tmp_path / "padded-teacher-only")
     assert same_student["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-6)
+
+
+def test_a_new_memory_window_forgets_the_set_up_peak():
+    """What train() does before its first step: set-up's memory (a teacher's training, loading) is not the run's."""
+    runtime = Runtime.create({"device": "cpu"})
+    x = torch.ones(100 * 2**20)  # 400 MiB, mapped on its own and returned when freed
+    high = runtime.peak_memory(reset=False)["mem/peak_rss_mb"]
+    assert runtime.peaks["mem/peak_rss_mb"] == high
+    del x
+    runtime.new_memory_window()
+    assert runtime.peaks == {}
+    now = runtime.peak_memory()["mem/peak_rss_mb"]
+    assert now < high - 300 and runtime.peaks == {"mem/peak_rss_mb": now}

@@ -79,7 +79,7 @@ class LMHead:
     bias: torch.Tensor | None = None
     scale: float = 1.0
     softcap: float | None = None
-    _cast: Any = field(default=None, repr=False, compare=False)  # a frozen head's weights in the autocast dtype
+    _cast: Any = field(default=None, init=False, repr=False, compare=False)  # a frozen head's weights, cast
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -97,7 +97,8 @@ class LMHead:
         if dtype is None or w.dtype == dtype:
             return w, b
         frozen = not any(p.requires_grad for p in self.params)
-        key = (vocab, dtype, w.device)
+        # the copy is valid for these weights as they are now: same storage, not written to since
+        key = (vocab, dtype, w.device, *((p.data_ptr(), p._version) for p in self.params))
         if frozen and self._cast is not None and self._cast[0] == key:
             return self._cast[1], self._cast[2]
         w, b = w.to(dtype), (None if b is None else b.to(dtype))

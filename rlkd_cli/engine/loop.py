@@ -76,8 +76,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
         bar = Progress(enabled=bool(tc.get("progress", True)) and runtime.is_main, total=int(tc.max_steps),
                        start=state.step, label=s.label)
         window = _Window()
-        runtime.peaks.clear()
-        runtime.peak_memory(reset=True)  # the memory figures are the training's (not set-up's, not a teacher's training)
+        runtime.new_memory_window()  # the memory figures are the training's (not set-up's, not a teacher's training)
         with _sigterm() as sigterm, contextlib.closing(metrics), contextlib.closing(bar):
             while state.step < int(tc.max_steps):
                 if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
