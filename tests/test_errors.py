@@ -372,3 +372,15 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert plain.stderr.strip() == "error: trainer.max_steps must be >= 1, got 0; e.g. trainer.max_steps=1"
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "RlkdError: trainer.max_steps must be >= 1" in debug.stderr
+
+
+def test_a_missing_data_set_is_refused_before_a_teacher_trains_on_it(tmp_path, monkeypatch):
+    from rlkd_cli.teachers import tiny
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tiny teacher started training on a data set that cannot be found")
+
+    monkeypatch.setattr(tiny, "train", no_training)
+    res = run_cli(["distill", *QUICK_NO_DATA, "dataset=jsonl", "dataset.path=/nonexistent/data.jsonl",
+                   f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"])  # no cached teacher
+    assert res.exit_code == 2 and "no such file or folder '/nonexistent/data.jsonl'" in res.output, res.output

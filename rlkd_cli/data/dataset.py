@@ -100,6 +100,11 @@ def metric_name(cfg: Any) -> str:
 
 
 
+def check_found(cfg: Any) -> None:
+    """One line naming ``dataset.path`` when the data set cannot be found (before anything trains on it)."""
+    sources.locate(dataset_cfg(cfg))
+
+
 def load_rows(cfg: Any, split: str) -> list[dict]:
     """The raw rows (dicts, as in the source) of ``split`` in {"train", "validation", "test"}."""
     return sources.load(dataset_cfg(cfg), split).rows

@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from rlkd_cli.errors import RlkdError, require
 from rlkd_cli.io import jsonl_lines
@@ -212,31 +212,40 @@ def _synthetic_splits(num_train: int, num_validation: int, num_test: int, seed: 
     return generate_splits(num_train, num_validation, num_test, seed=seed)
 
 
-def load(cfg: dict, split: str) -> _Rows:
-    _check_split(split)
+def locate(cfg: dict) -> tuple[str, Any]:
+    """Where the data set's rows come from, without reading them: ``("synthetic", None)``, ``("folder", Path)``,
+    ``("file", Path)`` or ``("hub", id)``; one line naming ``dataset.path`` when it is none of them."""
     name, path = cfg["name"], cfg["path"]
     if path is None or str(path).strip() == "":
         if cfg["kind"] == "synthetic_math":
-            rows = _synthetic_splits(int(cfg["num_train"]), int(cfg["num_validation"]), int(cfg["num_test"]),
-                                     int(cfg["seed"]))[split]
-            got = _Rows([dict(r) for r in rows], "the synthetic generator")
-        elif cfg["hub_id"]:
-            got = _read_hub(cfg, split, str(cfg["hub_id"]), cfg["hub_config"])
-        else:
-            raise RlkdError(f"dataset={name} needs dataset.path=FILE.jsonl (a file, a folder or a hub id)")
+            return "synthetic", None
+        require(bool(cfg["hub_id"]), f"dataset={name} needs dataset.path=FILE.jsonl (a file, a folder or a hub id)")
+        return "hub", str(cfg["hub_id"])
+    path = str(path)
+    local = _resolve_local(path)
+    if local.is_dir():
+        return "folder", local
+    if local.is_file():
+        return "file", local
+    require(_looks_like_hub_id(path), f"dataset '{name}': no such file or folder '{path}'; set dataset.path to a "
+                                      ".jsonl file, a folder of <split>.jsonl files, or a hub id")
+    return "hub", path
+
+
+def load(cfg: dict, split: str) -> _Rows:
+    _check_split(split)
+    kind, where = locate(cfg)
+    if kind == "synthetic":
+        rows = _synthetic_splits(int(cfg["num_train"]), int(cfg["num_validation"]), int(cfg["num_test"]),
+                                 int(cfg["seed"]))[split]
+        got = _Rows([dict(r) for r in rows], "the synthetic generator")
+    elif kind == "folder":
+        got = _read_folder(cfg, split, where)
+    elif kind == "file":
+        got = _read_single_file(cfg, split, where)
     else:
-        path = str(path)
-        local = _resolve_local(path)
-        if local.is_dir():
-            got = _read_folder(cfg, split, local)
-        elif local.is_file():
-            got = _read_single_file(cfg, split, local)
-        elif _looks_like_hub_id(path):
-            hub_config = cfg["hub_config"] if path == cfg["hub_id"] else None
-            got = _read_hub(cfg, split, path, hub_config)
-        else:
-            raise RlkdError(f"dataset '{name}': no such file or folder '{path}'; set dataset.path to a "
-                            f".jsonl file, a folder of <split>.jsonl files, or a hub id")
+        hub_config = cfg["hub_config"] if where == cfg["hub_id"] else None
+        got = _read_hub(cfg, split, where, hub_config)
     if cfg["limit"] is not None:
         got.rows = got.rows[: cfg["limit"]]
     return got
