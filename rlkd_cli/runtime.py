@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -67,14 +70,103 @@ def tune_cpu_allocator() -> bool:
     return bool(ok)
 
 
-def set_threads(threads: int | None) -> None:
-    """``trainer.threads``: intra-op CPU threads (``None``: torch's choice, which honours OMP_NUM_THREADS).
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its CPU affinity mask, capped by a cgroup CPU quota (containers, SLURM).
 
-    On a shared machine, processes that each use every core slow each other down (two processes
-    of two threads on two cores ran 1.4x slower per step than with one thread each).
+    ``os.cpu_count()`` (and torch's default thread count) sees every core of the machine, not the ones a
+    job was given: a container limited to 2 of 64 cores would start 32 threads per process.
     """
-    if threads is not None:
-        torch.set_num_threads(int(threads))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, int(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota in cores (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), ``None`` when unlimited."""
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path(root, "cpu", "cpu.cfs_quota_us").read_text())
+        period_us = int(Path(root, "cpu", "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies summed over ``cpus`` from ``/proc/stat``; ``None`` where it cannot be read."""
+    busy = total = 0
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                    continue
+                ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cores(sample_s: float = 0.25) -> float:
+    """How many of this process's cores other processes keep busy now, measured over ``sample_s`` seconds."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    before = _cpu_times(cpus)
+    if before is None:
+        return 0.0
+    time.sleep(sample_s)
+    after = _cpu_times(cpus)
+    if after is None or after[1] <= before[1]:
+        return 0.0
+    return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def choose_threads(requested: int | None, *, cores: int, busy: float, procs: int = 1) -> tuple[int, str | None]:
+    """Intra-op threads per process and a warning when the machine is oversubscribed (``None`` when not).
+
+    ``requested`` is ``trainer.threads`` (``None``: choose). The choice is the cores nobody else keeps busy,
+    split between this launch's ``procs`` processes on the node, at least one each: threads beyond the
+    free cores only make the processes wait for each other (a 2-core machine running another job was 4x
+    slower per step with 2 threads than with 1).
+    """
+    free = max(1, round(cores - busy))
+    if requested is not None:
+        if requested * procs > free:
+            return requested, (f"trainer.threads={requested} x {procs} process(es) is more than the {free} free of "
+                               f"{cores} usable cores ({busy:.1f} busy with other processes); steps will be slower "
+                               f"(trainer.threads={max(1, free // procs)} fits)")
+        return requested, None
+    threads = max(1, free // procs)
+    if free < cores:
+        return threads, (f"this machine is busy: {busy:.1f} of {cores} usable cores are taken by other processes; "
+                         f"using {threads} thread(s) per process (set trainer.threads=N to choose)")
+    return threads, None
+
+
+_THREADS: dict[str, int] = {}
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``trainer.threads`` (``None``: the free cores, decided once per process); returns the count.
+
+    An explicit ``OMP_NUM_THREADS`` (a launcher's or the user's) is honoured as torch honours it.
+    """
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    key = "auto" if threads is None else str(threads)
+    if key not in _THREADS:  # measured (and warned about) once per process, not again for the tiny teacher's run
+        _THREADS[key], warning = choose_threads(threads, cores=usable_cores(), busy=busy_cores(), procs=procs)
+        if warning:
+            log.warning(warning)
+    chosen = _THREADS[key]
+    torch.set_num_threads(chosen)
+    return chosen
 
 
 def autocast(device: torch.device, precision: str):
