@@ -1,0 +1,150 @@
+"""Run dirs, resume and checkpoints (issues 18 and 23): a refused command changes nothing, checkpoints ordered by
+step, a damaged trainer state is one line, the keys a resume may change depend on the mode, the schedule's length."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK, compose, run_cli, train
+from rlkd_cli.engine import checkpoint
+from rlkd_cli.errors import RlkdError
+
+
+def record(run: Path) -> dict[str, str]:
+    """What must not change when a command is refused: summary, checkpoints, .hydra/ (file -> digest)."""
+    files = [run / "summary.json", *sorted((run / ".hydra").glob("*")), *sorted((run / "checkpoints").rglob("*"))]
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# a refused resume keeps the run's record
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_run_record_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(["distill", *QUICK, f"hydra.run.dir={run}"]).exit_code == 0
+    before = record(run)
+    assert "summary.json" in before and ".hydra/overrides.yaml" in before
+    res = run_cli(["distill", *QUICK, f"hydra.run.dir={run}", "trainer.resume=auto", "trainer.lr=0.1"])
+    assert res.exit_code == 2
+    assert "the config differs in trainer.lr" in error_line(res.output)
+    assert record(run) == before  # summary, checkpoints and Hydra's record untouched
+    log = (run / "distill.log").read_text()
+    assert "error: cannot resume from" in log and "the config differs in trainer.lr" in log  # the error, on disk
+    from rlkd_cli.report import discover_runs
+
+    assert [r.status for r in discover_runs([run])] == ["completed"]
+    # resuming a completed run at its last step changes nothing either
+    res = run_cli(["distill", *QUICK, f"hydra.run.dir={run}", "trainer.resume=auto"])
+    assert res.exit_code == 0, res.output
+    assert record(run) == before
+
+
+@pytest.mark.slow
+def test_a_resume_sweep_keeps_finished_jobs_and_refuses_another_sweeps_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = ["distill", "-m", *QUICK, "trainer.max_steps=2", "trainer.eval_every=0", f"hydra.sweep.dir={sweep}"]
+    assert run_cli([*base, "seed=0,1"]).exit_code == 0
+    before = {job: record(sweep / job) for job in ("0", "1")}
+    multirun = (sweep / "multirun.yaml").read_bytes()
+    res = run_cli([*base, "seed=2,3", "trainer.resume=auto"])  # another sweep: job 0 would be seed 2
+    assert res.exit_code == 2
+    assert "seed=0,1), not this one (experiment=smoke seed=2,3)" in error_line(res.output)
+    assert (sweep / "multirun.yaml").read_bytes() == multirun
+    res = run_cli([*base, "seed=0,1", "trainer.resume=auto", "trainer.max_steps=4"])  # the same sweep, each job refused
+    assert res.exit_code == 1 and "2 sweep job(s) failed" in res.output
+    assert {job: record(sweep / job) for job in ("0", "1")} == before  # still "completed", .hydra/ as it was
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "summary.json").read_text())["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints ordered by step; a damaged trainer_state.json
+# ----------------------------------------------------------------------------------------------
+
+def fake_checkpoint(path: Path, step) -> Path:
+    for name in (*checkpoint.CHECKPOINT_FILES, *checkpoint.UNSHARDED_STATE_FILES, "model.safetensors"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(json.dumps({"step": step}) if name == "trainer_state.json" else "x")
+    return path
+
+
+def test_checkpoints_are_ordered_by_their_step_not_their_name(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (999998, 999999, 1000000):
+        fake_checkpoint(root / f"step-{step:06d}", step)
+    assert checkpoint.find_resume(tmp_path / "run", "auto").name == "step-1000000"  # no latest: the newest step
+    checkpoint._prune(root, "step-1000000", keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-1000000", "step-999999"]
+
+
+def test_a_trainer_state_whose_step_is_not_a_number_is_one_line(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "run" / "checkpoints" / "step-000004", "four")
+    with pytest.raises(RlkdError, match=r"trainer_state.json cannot be read \(step is 'four', not a number\)"):
+        checkpoint.read_state(ckpt)
+    assert checkpoint.missing_files(ckpt) == ["a readable trainer_state.json"]
+    with pytest.raises(RlkdError, match="holds no complete checkpoint"):  # resume=auto finds nothing usable
+        checkpoint.find_resume(tmp_path / "run", "auto")
+    (ckpt / "trainer_state.json").write_text("[4]")
+    with pytest.raises(RlkdError, match="holds a JSON list, not an object"):
+        checkpoint.read_state(ckpt)
+
+
+def test_validation_keys_are_fixed_on_resume_under_adaptive_rollout():
+    plain = compose("distill", QUICK)
+    assert checkpoint.config_differences(plain, compose("distill", QUICK + ["trainer.eval_every=3"])) == []
+    adaptive = compose("distill", QUICK + ["rollout=adaptive"])
+    changed = compose("distill", QUICK + ["rollout=adaptive", "trainer.eval_every=3", "trainer.eval_examples=8"])
+    assert checkpoint.config_differences(adaptive, changed) == ["trainer.eval_every", "trainer.eval_examples"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a resume with another trainer.max_steps: refused, or the schedule continued or restarted
+# ----------------------------------------------------------------------------------------------
+
+def _lrs(run: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_a_changed_max_steps_is_refused_or_continues_or_restarts_the_schedule(tmp_path):
+    from transformers import get_cosine_schedule_with_warmup
+
+    import torch
+
+    def cosine(steps: int, at: int) -> float:  # the lr transformers' cosine schedule gives after `at` steps
+        sched = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=3e-3), 2, steps)
+        return 3e-3 * sched.lr_lambdas[0](at)
+
+    over = QUICK + ["trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0"]
+    runs = {name: tmp_path / name for name in ("continue", "restart")}
+    for run in runs.values():
+        train("distill", over, run)  # 8 steps: the cosine reaches 0 at step 8
+    with pytest.raises(RlkdError, match=r"trainer.max_steps changed from 8 to 12, which changes the learning-rate "
+                                        r"schedule .*on_max_steps_change=continue .*on_max_steps_change=restart"):
+        train("distill", over + ["trainer.resume=auto", "trainer.max_steps=12"], runs["continue"])
+    for name, run in runs.items():
+        done = train("distill", over + ["trainer.resume=auto", "trainer.max_steps=12",
+                                        f"trainer.on_max_steps_change={name}"], run)
+        assert done["status"] == "completed" and done["step"] == 12
+    assert all(_lrs(runs["continue"])[k] == 0.0 for k in range(8, 13))  # the 8-step schedule, ended
+    lrs = _lrs(runs["restart"])
+    for k in range(9, 13):  # a new 4-step schedule (2 warmup steps) from step 8
+        assert math.isclose(lrs[k], cosine(4, k - 8), rel_tol=1e-6, abs_tol=1e-12), (k, lrs[k])
+    assert lrs[10] == pytest.approx(3e-3)  # warmed up again
+    # the schedule in force is kept in the checkpoint: a later resume follows it, not a 12-step one
+    state = checkpoint.read_state(Path(done["checkpoint"]))
+    assert (state.schedule_start, state.schedule_steps) == (8, 4)
