@@ -177,7 +177,7 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     _FAILED_JOBS.clear()
     _PENDING.clear()
     prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    prev_term = _stop_on_sigterm()
+    prev_handlers = _stop_on_signals()
     try:
         _check_group_choices(args)
         args = _multiprocess_args(args)
@@ -197,14 +197,15 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         raise typer.Exit(_one_line(ex.error, debug, command))
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]")
+    except KeyboardInterrupt:  # a second Ctrl-C in a training loop
+        err_console.print("[red]interrupted: aborted at once (the steps since the last checkpoint are not saved; "
+                          "trainer.resume=auto continues from it)[/red]")
         raise typer.Exit(130)
     except Exception as ex:  # noqa: BLE001 - every error ends as one line (or a traceback with --debug)
         raise typer.Exit(_one_line(ex, debug, command))
     finally:
-        if prev_term is not None:
-            signal.signal(signal.SIGTERM, prev_term)
+        for sig, handler in prev_handlers.items():
+            signal.signal(sig, handler)
         sys.argv = prev_argv
         if prev_env is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -217,18 +218,19 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         raise typer.Exit(1)
 
 
-def _stop_on_sigterm():
+def _stop_on_signals() -> dict:
     """Outside a training loop (which checkpoints first), SIGTERM ends the command with exit code 143, as a
-    scheduler's pre-emption expects; returns the previous handler (``None`` off the main thread)."""
+    scheduler's pre-emption expects, and Ctrl-C (SIGINT) the same way with 130 (the wrapper says how to
+    continue); returns the previous handlers (none off the main thread)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def handler(signum, frame):
-        raise SystemExit(143)
+        raise SystemExit(143 if signum == signal.SIGTERM else 130)
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _multiprocess_args(args: list[str]) -> list[str]:
@@ -258,18 +260,25 @@ def _wrap_task(task: Callable) -> Callable:
         out_dir = Path(hc.runtime.output_dir)
         if launch_rank() > 0:  # the other processes of a multi-process launch: warnings and errors only
             logging.getLogger().setLevel(logging.WARNING)
+        command = str(cfg.get("command"))
+        if launch_rank() == 0:
+            log.info("rlkd %s: run dir %s", command, out_dir)
+            rundir.point_latest(out_dir if hc.mode != RunMode.MULTIRUN else Path(str(hc.sweep.dir)))
         if hc.mode != RunMode.MULTIRUN:
             try:
-                task(cfg, out_dir)
+                _say_where(command, out_dir, task(cfg, out_dir))
                 rundir.forget(out_dir)
             except BaseException as ex:  # re-raised by run_hydra once Hydra has returned
                 rundir.restore(out_dir)  # refused or failed before it was accepted: the earlier record stands
                 if isinstance(ex, Exception):
-                    _log_to_file(error_message(ex, str(cfg.get("command")))[0])
+                    _log_to_file(error_message(ex, command)[0])
+                elif isinstance(ex, SystemExit) and ex.code in STOP_CODES:
+                    log.warning("%s: rlkd %s stopped; continue with: rlkd %s %s hydra.run.dir=%s", STOP_CODES[ex.code],
+                                command, command, RESUME_HINTS.get(command, "(rerun it)"), out_dir)
                 _PENDING.append(ex)
             return
         try:
-            task(cfg, out_dir)
+            _say_where(command, out_dir, task(cfg, out_dir))
             rundir.forget(out_dir)
         except SystemExit as ex:
             held = rundir.restore(out_dir)
@@ -289,6 +298,34 @@ def _wrap_task(task: Callable) -> Callable:
 
     job.__module__ = __name__
     return job
+
+
+#: How each command continues an interrupted run in the same run dir.
+RESUME_HINTS = {"distill": "trainer.resume=auto", "sft": "trainer.resume=auto", "generate": "resume=true",
+                "cache-teacher": "(the same command: finished shards are kept)"}
+
+
+def _say_where(command: str, out_dir: Path, result) -> None:
+    """The end of a run: where its results are, and the commands that read them (with the real paths)."""
+    from rlkd_cli.config import launch_rank
+
+    if launch_rank() != 0 or not isinstance(result, dict):
+        return
+    lines = [f"rlkd {command} done: {out_dir}"]
+    for name in ("summary.json", "alignment.json", "results.json", f"{command}.log", "metrics.jsonl"):
+        if (out_dir / name).is_file():
+            lines.append(f"  {name:<16} {out_dir / name}")
+    ckpt = result.get("checkpoint")
+    if ckpt:
+        lines += [f"  checkpoint       {ckpt}",
+                  f"  next: rlkd measure-alignment checkpoints=[{ckpt}]",
+                  f"        rlkd evaluate checkpoints=[{ckpt}]"]
+    if result.get("cache"):
+        lines.append(f"  next: rlkd distill teacher.cache={result['cache']}")
+    for row in result.get("models") or []:
+        lines.append(f"  generations      {row.get('file')}")
+    lines.append(f"  next: rlkd report {out_dir}")
+    log.info("\n".join(lines))
 
 
 def _record_failure(cfg, hc, out_dir: Path, ex: BaseException, *, held: bool) -> None:
@@ -370,6 +407,12 @@ class RunDirGuard(_callback_base()):
 
         for hydra_dir in sweep.rglob(".hydra"):  # each earlier job's record, kept until its job is accepted
             rundir.protect(hydra_dir.parent)
+
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir)).resolve()
+        log.info("rlkd %s sweep done: %s (one folder per job)\n  next: rlkd report %s", config.get("command"),
+                 sweep, sweep)
 
 
 def _check_same_sweep(sweep: Path, overrides: list[str]) -> None:

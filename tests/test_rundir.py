@@ -6,11 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, compose, run_cli, train
+from conftest import QUICK, REPO, TEACHER_ONLY, compose, run_cli, train
 from rlkd_cli.engine import checkpoint
 from rlkd_cli.errors import RlkdError
 
@@ -148,3 +153,104 @@ def test_a_changed_max_steps_is_refused_or_continues_or_restarts_the_schedule(tm
     # the schedule in force is kept in the checkpoint: a later resume follows it, not a 12-step one
     state = checkpoint.read_state(Path(done["checkpoint"]))
     assert (state.schedule_start, state.schedule_steps) == (8, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# say where things are; a failed run's error in its log
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_run_prints_its_dir_checkpoint_and_next_commands_and_latest_points_at_it(tmp_path):
+    run = tmp_path / "outputs" / "distill" / "first"
+    res = run_cli(["distill", *QUICK, f"hydra.run.dir={run}"])
+    assert res.exit_code == 0, res.output
+    assert f"rlkd distill: run dir {run}" in res.output  # at the start
+    summary = json.loads((run / "summary.json").read_text())
+    printed = {line.split()[0]: line.split()[-1] for line in res.output.splitlines()
+               if line.startswith("  ") and len(line.split()) == 2}
+    assert Path(printed["summary.json"]) == run / "summary.json" and Path(printed["distill.log"]).is_file()
+    assert printed["checkpoint"] == summary["checkpoint"] and Path(printed["checkpoint"]).is_dir()
+    assert f"next: rlkd measure-alignment checkpoints=[{summary['checkpoint']}]" in res.output
+    assert f"next: rlkd report {run}" in res.output
+    latest = run.parent / "latest"
+    assert latest.is_symlink() and latest.resolve() == run.resolve()
+
+
+def test_a_failed_run_writes_its_error_line_into_its_log(tmp_path):
+    run = tmp_path / "run"
+    res = run_cli(["distill", *QUICK, "teacher.name_or_path=/nonexistent/teacher", f"hydra.run.dir={run}"])
+    assert res.exit_code == 2
+    line = error_line(res.output)
+    assert "/nonexistent/teacher" in line
+    assert line in (run / "distill.log").read_text()  # the same line, on disk
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C: like SIGTERM (a checkpoint, how to resume); a second one aborts at once
+# ----------------------------------------------------------------------------------------------
+
+def _start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, "-m", "rlkd_cli", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and path.read_text().count("\n") >= n):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_like_sigterm_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    over = [*QUICK, "trainer.max_steps=400", "trainer.save_every=0", "trainer.eval_every=0", "trainer.log_every=1"]
+    proc = _start("distill", *over, f"hydra.run.dir={run}")
+    _wait_for_lines(run / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "SIGINT: checkpoint" in out
+    assert f"resume with trainer.resume=auto hydra.run.dir={run}" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["reason"] == "SIGINT" and summary["resumable"]
+    ckpt = Path(summary["checkpoint"])
+    assert not checkpoint.missing_files(ckpt) and checkpoint.read_state(ckpt).step == summary["step"] >= 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    # and it resumes from there
+    more = train("distill", over + ["trainer.resume=auto", "trainer.stop_after=2"], run)
+    assert more["status"] == "stopped" and more["step"] == summary["step"] + 2
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    from rlkd_cli.engine.loop import _stop_signals
+
+    with _stop_signals("test") as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.is_set() and stop.reason == "SIGINT"  # the first: stop after this step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_generate_with_how_to_continue(tmp_path):
+    run = tmp_path / "gen"
+    args = ["generate", *TEACHER_ONLY, "dataset.limit=48", "generation.batch_size=2", f"hydra.run.dir={run}"]
+    proc = _start(*args)
+    _wait_for_lines(run / "generations.jsonl", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and f"continue with: rlkd generate resume=true hydra.run.dir={run}" in out
+    written = (run / "generations.jsonl").read_text().count("\n")
+    assert 1 <= written < 48
+    res = run_cli([*args, "resume=true"])
+    assert res.exit_code == 0, res.output
+    ids = [json.loads(line)["id"] for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 48

@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                        start=state.step, label=s.label)
         window = _Window()
         runtime.new_memory_window()  # the memory figures are the training's (not set-up's, not a teacher's training)
-        with _sigterm() as sigterm, contextlib.closing(metrics), contextlib.closing(bar):
+        with _stop_signals(s.label) as stop, contextlib.closing(metrics), contextlib.closing(bar):
             while state.step < int(tc.max_steps):
                 if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
                     return finish(cfg, run_dir, s, state, status="stopped")
@@ -107,11 +107,11 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                     getattr(s.batches, "on_validation", lambda v: None)(val)
                 if _due(state.step, tc.save_every, tc.max_steps):
                     save(cfg, run_dir, s, state)
-                if runtime.any(sigterm.is_set()):  # every process stops at the same step
-                    summary = finish(cfg, run_dir, s, state, status="stopped", reason="SIGTERM")
-                    log.warning("[%s] SIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
-                                s.label, summary["checkpoint"], state.step)
-                    raise SystemExit(143)
+                if runtime.any(stop.is_set()):  # every process stops at the same step
+                    summary = finish(cfg, run_dir, s, state, status="stopped", reason=stop.reason)
+                    log.warning("[%s] %s: checkpoint %s written at step %d; resume with trainer.resume=auto "
+                                "hydra.run.dir=%s", s.label, stop.reason, summary["checkpoint"], state.step, run_dir)
+                    raise SystemExit(130 if stop.reason == "SIGINT" else 143)
             val = validate(s.trainer, s.val_batches, s.ks)
             metrics.write({"step": state.step, "split": "validation", **val})
         return finish(cfg, run_dir, s, state, status="completed", val=val)
@@ -322,17 +322,35 @@ def _due(step: int, every: Any, max_steps: Any) -> bool:
     return int(every) > 0 and step % int(every) == 0 and step < int(max_steps)
 
 
+class _Stop(threading.Event):
+    """Set by SIGTERM (a scheduler's pre-emption) or a first Ctrl-C; ``reason`` names the signal."""
+
+    reason = "SIGTERM"
+
+
 @contextlib.contextmanager
-def _sigterm():
-    """A flag set by SIGTERM (a scheduler's pre-emption): the loop checkpoints and stops at the step's end."""
-    flag = threading.Event()
+def _stop_signals(label: str):
+    """SIGTERM and SIGINT set a flag: the loop finishes its step, checkpoints and stops. A second Ctrl-C aborts
+    at once (``KeyboardInterrupt``; the steps since the last checkpoint are lost)."""
+    flag = _Stop()
     main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set()) if main else None
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and flag.is_set():
+            raise KeyboardInterrupt
+        if not flag.is_set():
+            flag.reason = signal.Signals(signum).name
+        flag.set()
+        if signum == signal.SIGINT:
+            log.warning("[%s] SIGINT: stopping after this step with a checkpoint (Ctrl-C again to abort at once)",
+                        label)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         yield flag
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +394,7 @@ def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, statu
                                "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
     if status == "stopped":
         summary.update(reason=reason, resumable=True)
-        if reason != "SIGTERM":
+        if reason not in ("SIGTERM", "SIGINT"):
             log.info("[%s] %s: stopped at step %d with checkpoint %s", s.label, reason, state.step, path)
     else:
         val = val or {}

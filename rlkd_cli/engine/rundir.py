@@ -130,6 +130,26 @@ def restore(path: str | os.PathLike) -> bool:
     return True
 
 
+def point_latest(path: str | os.PathLike) -> Path | None:
+    """Point ``<parent>/latest`` at the run (or sweep) dir ``path`` (a relative symlink, replaced in one rename),
+    so the newest run of a command is ``outputs/<command>/latest``; a ``latest`` that is not a link is left alone."""
+    path = Path(path).resolve()
+    link = path.parent / "latest"
+    if link.exists() and not link.is_symlink():
+        log.debug("not pointing %s at %s: it is not a link", link, path)
+        return None
+    tmp = path.parent / f".tmp-latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:  # a file system without links: the run itself is unaffected
+        log.debug("cannot point %s at %s: %s", link, path, e)
+        tmp.unlink(missing_ok=True)
+        return None
+    return link
+
+
 def release(path: str | os.PathLike) -> None:
     """Give up the lock of a run dir this process holds (no-op otherwise)."""
     lock = _CLAIMED.pop(str(Path(path).resolve()), None)
