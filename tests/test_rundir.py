@@ -254,3 +254,99 @@ def test_ctrl_c_stops_generate_with_how_to_continue(tmp_path):
     assert res.exit_code == 0, res.output
     ids = [json.loads(line)["id"] for line in (run / "generations.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 48
+
+
+# ----------------------------------------------------------------------------------------------
+# the run-dir contract, as a property: random run / kill / resume / sweep / report over one folder
+# ----------------------------------------------------------------------------------------------
+
+STEPS = [*QUICK, "trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_every=0", "trainer.log_every=1"]
+#: resume overrides -> whether a resume with them must be refused when the run has a checkpoint
+CHANGES = {(): False, ("trainer.lr=0.1",): True, ("seed=7",): True, ("trainer.max_steps=3",): True,
+           ("trainer.max_steps=3", "trainer.on_max_steps_change=restart"): False, ("trainer.log_every=2",): False}
+
+
+
+def _records(root: Path) -> dict[str, dict[str, str]]:
+    """The record of every run dir under ``root`` (a folder with a .hydra/ or a summary)."""
+    dirs = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("summary.json")}
+    return {str(d.relative_to(root)): record(d) for d in dirs if "checkpoints" not in d.parts}
+
+
+def _finished(root: Path) -> set[str]:
+    out = set()
+    for name in _records(root):
+        try:
+            if json.loads((root / name / "summary.json").read_text()).get("status") == "completed":
+                out.add(name)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _kill_after_first_checkpoint(run: Path) -> None:
+    proc = _start("distill", *STEPS, "trainer.max_steps=400", "trainer.save_every=2", f"hydra.run.dir={run}")
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-2000:]
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+
+
+def _act(root: Path, action: tuple, out: Path) -> tuple[int, set[str]]:
+    """Run one action; its exit code and the run dirs it may change when it succeeds."""
+    kind, target, change = action
+    run, sweep = root / "runs" / target, root / "sweep"
+    if kind == "kill":
+        if run.exists():  # a run dir that holds a run is refused before anything: as "run"
+            kind = "run"
+        else:
+            _kill_after_first_checkpoint(run)
+            return -9, {f"runs/{target}"}
+    if kind == "run":
+        return run_cli(["distill", *STEPS, f"hydra.run.dir={run}"]).exit_code, {f"runs/{target}"}
+    if kind == "resume":
+        res = run_cli(["distill", *STEPS, *change, "trainer.resume=auto", f"hydra.run.dir={run}"])
+        return res.exit_code, {f"runs/{target}"}
+    if kind == "sweep":
+        res = run_cli(["distill", "-m", *STEPS, "seed=0,1", *change, f"hydra.sweep.dir={sweep}"])
+        return res.exit_code, {"sweep/0", "sweep/1"}
+    res = run_cli(["report", str(root), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return 0, set()
+
+
+#: The actions a sequence is drawn from: (kind, target run dir, overrides); each drawn sequence is a prefix of a
+#: permutation (the first, unshuffled one kills a run, refuses two resumes and sweeps).
+POOL = [("kill", "b", ()), ("resume", "b", ("trainer.lr=0.1",)), ("sweep", "", ()), ("resume", "a", ("seed=7",)),
+        ("report", "", ()), ("sweep", "", ("trainer.resume=auto", "trainer.max_steps=3")),
+        ("resume", "b", ()), ("run", "a", ()), ("resume", "a", ("trainer.max_steps=3",)),
+        ("resume", "b", ("trainer.max_steps=3", "trainer.on_max_steps_change=restart")),
+        ("sweep", "", ("trainer.resume=auto",)), ("resume", "a", ("trainer.log_every=2",))]
+
+
+@pytest.mark.slow
+def test_no_command_changes_a_finished_runs_record_unless_it_succeeds_on_it(tmp_path_factory):
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as hst
+
+    @settings(max_examples=2, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(hst.permutations(POOL).map(lambda p: p[:4]))
+    def check(actions):
+        root, out = tmp_path_factory.mktemp("folder"), tmp_path_factory.mktemp("report")
+        for action in [("run", "a", ()), *actions]:  # a finished run to protect from the start
+            before, finished = _records(root), _finished(root)
+            had_checkpoint = (root / "runs" / action[1] / "checkpoints" / "latest").exists()
+            code, targets = _act(root, action, out)
+            after = _records(root)
+            if action[0] == "resume" and had_checkpoint and CHANGES[action[2]]:
+                assert code == 2, action  # a changed config or schedule is refused
+            may_change = targets if code in (0, -9) else set()
+            for name in finished | (set(before) if code not in (0, -9) else set()):
+                if name not in may_change:
+                    assert after.get(name) == before[name], (action, code, name)
+
+    check()
