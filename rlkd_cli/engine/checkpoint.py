@@ -275,7 +275,8 @@ def find_resume(run_dir: Path, resume: str, clean: bool = True) -> Path | None:
             if path != candidates[0]:
                 log.warning("trainer.resume=auto: %s is missing or incomplete; using %s", candidates[0], path)
             return path
-    raise RlkdError(f"cannot resume: {root} holds no complete checkpoint; start afresh in a new run dir "
+    why = f"{candidates[0].name} lacks {', '.join(missing_files(candidates[0]))}"
+    raise RlkdError(f"cannot resume: {root} holds no complete checkpoint ({why}); start afresh in a new run dir "
                     "(hydra.run.dir=...) or pass trainer.resume=PATH of a complete checkpoints/step-* folder")
 
 
