@@ -396,8 +396,9 @@ def check_resumable(ckpt: Path, cfg: DictConfig, *, sharded: bool, force: bool) 
                         "resume from an earlier checkpoints/step-* folder") from e
     diff = config_differences(saved, cfg)
     if diff and not force:
+        why = " (under rollout=adaptive validation drives the schedule)" if set(diff) & VALIDATION_KEYS else ""
         raise RlkdError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff[:6])}"
-                        f"{' ...' if len(diff) > 6 else ''}; run with the checkpoint's config or set "
+                        f"{' ...' if len(diff) > 6 else ''}{why}; run with the checkpoint's config or set "
                         "trainer.force_resume=true")
     state = read_state(ckpt)
     if state.sharded != sharded:
