@@ -311,7 +311,7 @@ def _say_where(command: str, out_dir: Path, result) -> None:
 
     if launch_rank() != 0 or not isinstance(result, dict):
         return
-    lines = [f"rlkd {command} done: {out_dir}"]
+    lines = [f"rlkd {command} finished: {out_dir}"]
     for name in ("summary.json", "alignment.json", "results.json", f"{command}.log", "metrics.jsonl"):
         if (out_dir / name).is_file():
             lines.append(f"  {name:<16} {out_dir / name}")
@@ -411,7 +411,7 @@ class RunDirGuard(_callback_base()):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(str(config.hydra.sweep.dir)).resolve()
-        log.info("rlkd %s sweep done: %s (one folder per job)\n  next: rlkd report %s", config.get("command"),
+        log.info("rlkd %s sweep finished: %s (one folder per job)\n  next: rlkd report %s", config.get("command"),
                  sweep, sweep)
 
 
