@@ -302,7 +302,7 @@ def _wrap_task(task: Callable) -> Callable:
 
 #: How each command continues an interrupted run in the same run dir.
 RESUME_HINTS = {"distill": "trainer.resume=auto", "sft": "trainer.resume=auto", "generate": "resume=true",
-                "cache-teacher": "(the same command: finished shards are kept)"}
+                "cache-teacher": "<the same overrides> (its finished shards are kept)"}
 
 
 def _say_where(command: str, out_dir: Path, result) -> None:

@@ -351,3 +351,23 @@ def test_no_command_changes_a_finished_runs_record_unless_it_succeeds_on_it(tmp_
                     assert after.get(name) == before[name], (action, code, name)
 
     check()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cache_teacher_with_how_to_continue(tmp_path):
+    run = tmp_path / "cache-run"
+    args = ["cache-teacher", *TEACHER_ONLY, "cache.top_k=8", "cache.shard_examples=20", "cache.batch_size=1",
+            f"hydra.run.dir={run}"]
+    proc = _start(*args)
+    deadline = time.monotonic() + 120
+    while not (run / "teacher_cache" / "train" / "shard-000001.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "SIGINT: rlkd cache-teacher stopped; continue with: rlkd cache-teacher" in out
+    res = run_cli(args)  # the same command finishes it, keeping the shards written
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["shards_reused"] >= 2
