@@ -32,6 +32,8 @@ log = logging.getLogger("rlkd")
 _FAILED_JOBS: list[tuple[str, str]] = []
 # The exception of a failed single run, re-raised after Hydra returns (so Hydra prints nothing of its own).
 _PENDING: list[BaseException] = []
+#: Exit codes of a command stopped by a signal (checkpointed and resumable where it trains) -> the signal.
+STOP_CODES = {143: "SIGTERM", 130: "SIGINT"}
 
 
 
@@ -126,31 +128,42 @@ def _print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}")
 
 
-def _one_line(ex: BaseException, debug: bool, command: str = "") -> int:
-    """Print ``ex`` as one ``error:`` line (or re-raise with ``--debug``); return the exit code."""
+def error_message(ex: BaseException, command: str = "") -> tuple[str, int]:
+    """The one-line message for ``ex`` (after ``error:``) and the exit code."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if debug:
-        raise ex
     if isinstance(ex, RlkdError):
-        _print_error(str(ex))
-        return ex.exit_code
+        return str(ex), ex.exit_code
     if isinstance(ex, (HydraException, OmegaConfBaseException)):
-        _print_error(format_hydra_error(ex, command))
-        return 2
+        return format_hydra_error(ex, command), 2
     if disk_full(ex):
         where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
-        _print_error(DISK_FULL.format(where=where))
-        return 2
+        return DISK_FULL.format(where=where), 2
     if isinstance(ex, OSError):
         where = f" '{ex.filename}'" if getattr(ex, "filename", None) else ""
-        _print_error(f"{ex.strerror or ex}{where}; check the path and its permissions (the run dir is set with "
-                     "hydra.run.dir=...)")
-        return 2
-    _print_error(f"unexpected {type(ex).__name__}: {' '.join(str(ex).split())[:400]} (rerun with --debug for the "
-                 "traceback)")
-    return 1
+        return (f"{ex.strerror or ex}{where}; check the path and its permissions (the run dir is set with "
+                "hydra.run.dir=..."), 2
+    return (f"unexpected {type(ex).__name__}: {' '.join(str(ex).split())[:400]} (rerun with --debug for the "
+            "traceback)"), 1
+
+
+def _one_line(ex: BaseException, debug: bool, command: str = "") -> int:
+    """Print ``ex`` as one ``error:`` line (or re-raise with ``--debug``); return the exit code."""
+    if debug:
+        raise ex
+    message, code = error_message(ex, command)
+    _print_error(message)
+    return code
+
+
+def _log_to_file(message: str) -> None:
+    """Write ``error: <message>`` to the run's log file (Hydra's file handler) only: the console gets the line
+    from :func:`run_hydra`."""
+    record = logging.LogRecord("rlkd", logging.ERROR, __file__, 0, "error: %s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_hydra(command: str, task: Callable, args: list[str]) -> None:
@@ -164,7 +177,7 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     _FAILED_JOBS.clear()
     _PENDING.clear()
     prev_argv, prev_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    prev_term = _stop_on_sigterm()
+    prev_handlers = _stop_on_signals()
     try:
         _check_group_choices(args)
         args = _multiprocess_args(args)
@@ -184,14 +197,15 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         raise typer.Exit(_one_line(ex.error, debug, command))
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]")
+    except KeyboardInterrupt:  # a second Ctrl-C in a training loop
+        err_console.print("[red]interrupted: aborted at once (the steps since the last checkpoint are not saved; "
+                          "trainer.resume=auto continues from it)[/red]")
         raise typer.Exit(130)
     except Exception as ex:  # noqa: BLE001 - every error ends as one line (or a traceback with --debug)
         raise typer.Exit(_one_line(ex, debug, command))
     finally:
-        if prev_term is not None:
-            signal.signal(signal.SIGTERM, prev_term)
+        for sig, handler in prev_handlers.items():
+            signal.signal(sig, handler)
         sys.argv = prev_argv
         if prev_env is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -204,18 +218,19 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
         raise typer.Exit(1)
 
 
-def _stop_on_sigterm():
+def _stop_on_signals() -> dict:
     """Outside a training loop (which checkpoints first), SIGTERM ends the command with exit code 143, as a
-    scheduler's pre-emption expects; returns the previous handler (``None`` off the main thread)."""
+    scheduler's pre-emption expects, and Ctrl-C (SIGINT) the same way with 130 (the wrapper says how to
+    continue); returns the previous handlers (none off the main thread)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def handler(signum, frame):
-        raise SystemExit(143)
+        raise SystemExit(143 if signum == signal.SIGTERM else 130)
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _multiprocess_args(args: list[str]) -> list[str]:
@@ -239,44 +254,90 @@ def _wrap_task(task: Callable) -> Callable:
         from hydra.types import RunMode
 
         from rlkd_cli.config import launch_rank
+        from rlkd_cli.engine import rundir
 
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
         if launch_rank() > 0:  # the other processes of a multi-process launch: warnings and errors only
             logging.getLogger().setLevel(logging.WARNING)
+        command = str(cfg.get("command"))
+        if launch_rank() == 0:
+            log.info("rlkd %s: run dir %s", command, out_dir)
+            rundir.point_latest(out_dir if hc.mode != RunMode.MULTIRUN else Path(str(hc.sweep.dir)))
         if hc.mode != RunMode.MULTIRUN:
             try:
-                task(cfg, out_dir)
+                _say_where(command, out_dir, task(cfg, out_dir))
+                rundir.forget(out_dir)
             except BaseException as ex:  # re-raised by run_hydra once Hydra has returned
+                rundir.restore(out_dir)  # refused or failed before it was accepted: the earlier record stands
+                if isinstance(ex, Exception):
+                    _log_to_file(error_message(ex, command)[0])
+                elif isinstance(ex, SystemExit) and ex.code in STOP_CODES:
+                    log.warning("%s: rlkd %s stopped; continue with: rlkd %s %s hydra.run.dir=%s", STOP_CODES[ex.code],
+                                command, command, RESUME_HINTS.get(command, "(rerun it)"), out_dir)
                 _PENDING.append(ex)
             return
         try:
-            task(cfg, out_dir)
+            _say_where(command, out_dir, task(cfg, out_dir))
+            rundir.forget(out_dir)
         except SystemExit as ex:
-            if ex.code == 143:  # SIGTERM: the job is stopped (and resumable), and so is the sweep
-                if not (out_dir / "summary.json").exists():  # stopped before its training loop began
+            held = rundir.restore(out_dir)
+            if ex.code in STOP_CODES:  # SIGTERM / SIGINT: the job is stopped (and resumable), and so is the sweep
+                if not held and not (out_dir / "summary.json").exists():  # stopped before its training loop began
                     from rlkd_cli.io import atomic_write_json
 
                     atomic_write_json(out_dir / "summary.json", {
-                        "command": cfg.get("command"), "status": "stopped", "reason": "SIGTERM", "resumable": True,
-                        "overrides": list(hc.overrides.task)})
-                log.warning("SIGTERM: the sweep stops at job %s (resumable with trainer.resume=auto)", out_dir)
+                        "command": cfg.get("command"), "status": "stopped", "reason": STOP_CODES[ex.code],
+                        "resumable": True, "overrides": list(hc.overrides.task)})
+                log.warning("%s: the sweep stops at job %s (resumable with trainer.resume=auto)", STOP_CODES[ex.code],
+                            out_dir)
                 raise
-            _record_failure(cfg, hc, out_dir, ex)
+            _record_failure(cfg, hc, out_dir, ex, held=held)
         except Exception as ex:  # record, keep sweeping
-            _record_failure(cfg, hc, out_dir, ex)
+            _record_failure(cfg, hc, out_dir, ex, held=rundir.restore(out_dir))
 
     job.__module__ = __name__
     return job
 
 
-def _record_failure(cfg, hc, out_dir: Path, ex: BaseException) -> None:
-    """A sweep job that failed: ``summary.json`` with status ``failed`` and its error; the sweep goes on."""
+#: How each command continues an interrupted run in the same run dir.
+RESUME_HINTS = {"distill": "trainer.resume=auto", "sft": "trainer.resume=auto", "generate": "resume=true",
+                "cache-teacher": "<the same overrides> (its finished shards are kept)"}
+
+
+def _say_where(command: str, out_dir: Path, result) -> None:
+    """The end of a run: where its results are, and the commands that read them (with the real paths)."""
+    from rlkd_cli.config import launch_rank
+
+    if launch_rank() != 0 or not isinstance(result, dict):
+        return
+    lines = [f"rlkd {command} finished: {out_dir}"]
+    for name in ("summary.json", "alignment.json", "results.json", f"{command}.log", "metrics.jsonl"):
+        if (out_dir / name).is_file():
+            lines.append(f"  {name:<16} {out_dir / name}")
+    ckpt = result.get("checkpoint")
+    if ckpt:
+        lines += [f"  checkpoint       {ckpt}",
+                  f"  next: rlkd measure-alignment checkpoints=[{ckpt}]",
+                  f"        rlkd evaluate checkpoints=[{ckpt}]"]
+    if result.get("cache"):
+        lines.append(f"  next: rlkd distill teacher.cache={result['cache']}")
+    for row in result.get("models") or []:
+        lines.append(f"  generations      {row.get('file')}")
+    lines.append(f"  next: rlkd report {out_dir}")
+    log.info("\n".join(lines))
+
+
+def _record_failure(cfg, hc, out_dir: Path, ex: BaseException, *, held: bool) -> None:
+    """A sweep job that failed: ``summary.json`` with status ``failed`` and its error; the sweep goes on. A job
+    refused in a dir that holds an earlier run (a resume sweep) leaves that run's record as it was: the error
+    goes to the job's log and the sweep's last lines."""
     from rlkd_cli.io import atomic_write_json
 
     message = str(ex) if isinstance(ex, RlkdError) else f"{type(ex).__name__}: {' '.join(str(ex).split())}"
-    atomic_write_json(out_dir / "summary.json", {"command": cfg.get("command"), "status": "failed", "error": message,
-                                                 "overrides": list(hc.overrides.task)})
+    if not held:
+        atomic_write_json(out_dir / "summary.json", {"command": cfg.get("command"), "status": "failed",
+                                                     "error": message, "overrides": list(hc.overrides.task)})
     log.error("job %s failed: %s", out_dir, message)
     _FAILED_JOBS.append((str(out_dir), message))
 
@@ -323,6 +384,7 @@ class RunDirGuard(_callback_base()):
                             "e.g. hydra.run.dir=outputs/my-run")
         run_dir = Path(str(config.hydra.run.dir))
         rundir.claim(run_dir, command=str(config.get("command")), resume=_continues(config, run_dir))
+        rundir.protect(run_dir)  # Hydra rewrites .hydra/ next: kept until the run is accepted
 
     def on_run_end(self, config, **kwargs) -> None:
         from rlkd_cli.engine import rundir
@@ -334,10 +396,48 @@ class RunDirGuard(_callback_base()):
         if not str(config.hydra.sweep.dir).strip():
             raise RlkdError("hydra.sweep.dir is empty: give a folder, e.g. hydra.sweep.dir=outputs/my-sweep")
         sweep = Path(str(config.hydra.sweep.dir))
-        if (sweep / "multirun.yaml").exists() and not (config.get("trainer") or {}).get("resume"):
+        if not (sweep / "multirun.yaml").exists():
+            return
+        if not (config.get("trainer") or {}).get("resume"):
             raise RlkdError(f"the sweep dir {sweep} already holds a sweep (multirun.yaml); continue its jobs with "
                             "trainer.resume=auto, or sweep into another dir with hydra.sweep.dir=... (nothing was "
                             "overwritten)")
+        _check_same_sweep(sweep, list(config.hydra.overrides.task))
+        from rlkd_cli.engine import rundir
+
+        for hydra_dir in sweep.rglob(".hydra"):  # each earlier job's record, kept until its job is accepted
+            rundir.protect(hydra_dir.parent)
+
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir)).resolve()
+        log.info("rlkd %s sweep finished: %s (one folder per job)\n  next: rlkd report %s", config.get("command"),
+                 sweep, sweep)
+
+
+def _check_same_sweep(sweep: Path, overrides: list[str]) -> None:
+    """A resume sweep continues the sweep in ``sweep``: the same overrides in the same order (so job N is job N),
+    but for the keys a resume may change; else each job would continue another job's run."""
+    from omegaconf import OmegaConf
+
+    from rlkd_cli.engine.checkpoint import RESUME_FREE_KEYS
+
+    def kept(items) -> list[str]:
+        keys = [re.sub(r"^[~+]+", "", str(o)).split("=", 1)[0] for o in items]
+        return [str(o) for o, k in zip(items, keys)
+                if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+
+    try:
+        old = kept(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task)
+    except Exception:  # noqa: BLE001 - a damaged multirun.yaml: which sweep it was is unknown
+        old = None
+    new = kept(overrides)
+    if old != new:
+        was = " ".join(old) if old is not None else "its multirun.yaml cannot be read"
+        raise RlkdError(f"the sweep dir {sweep} holds another sweep ({was}), not this one "
+                        f"({' '.join(new) or 'no overrides'}); resume "
+                        "a sweep with its own overrides in the same order (plus trainer.resume=auto), or sweep into "
+                        "another dir with hydra.sweep.dir=... (nothing was overwritten)")
 
 
 def _continues(config, run_dir: Path) -> bool:

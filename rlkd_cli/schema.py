@@ -137,6 +137,7 @@ class TrainerConfig:
     keep_last: int = _f(2, ge=1)
     resume: Optional[str] = None
     force_resume: bool = False
+    on_max_steps_change: str = _f("refuse", choices=("refuse", "continue", "restart"))
     max_bad_steps: int = _f(5, ge=1)
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"))

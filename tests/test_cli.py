@@ -54,6 +54,7 @@ def test_distill_then_measure_alignment(tmp_path):
     res = run_cli(["measure-alignment", *TEACHER_ONLY, f"checkpoints=[{ckpt},{teacher}]",
                    "metrics.ks=[1,2,5]", "limit=16", f"hydra.run.dir={out}"])
     assert res.exit_code == 0, res.output
+    assert f"rlkd measure-alignment: run dir {out}" in res.output and str(out / "alignment.json") in res.output
     result = json.loads((out / "alignment.json").read_text())
     rows = {r["checkpoint"]: r for r in result["checkpoints"]}
     self_row = rows[str(teacher)]

@@ -122,6 +122,11 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     # the embedded tokenizer)
     out["finished"] = checkpoint.parent.parent
     out["checkpoint"] = checkpoint
+    # a copy of it whose trainer_state.json holds a step that is not a number
+    out["bad_state"] = root / "bad-state-run"
+    shutil.copytree(out["finished"], out["bad_state"], ignore=shutil.ignore_patterns(".rlkd*"))
+    state_file = out["bad_state"] / "checkpoints" / checkpoint.name / "trainer_state.json"
+    state_file.write_text(state_file.read_text().replace('"step": 2', '"step": "two"'))
     return out
 
 
@@ -246,6 +251,16 @@ CASES = [
     ("cache-other-teacher", "distill", ["teacher.cache={small_cache}", "loss=kl", "metrics.ks=[1,2,3]",
                                         "teacher.name_or_path={checkpoint}"], "not teacher.name_or_path="),
     ("rundir-reused", "distill", ["hydra.run.dir={finished}"], "already holds a run"),
+    # run dirs, resume (more in tests/test_rundir.py)
+    ("resume-max-steps-changed", "distill", ["hydra.run.dir={finished}", "trainer.resume=auto", "trainer.eval_every=0",
+                                             "trainer.max_steps=5"],
+     "trainer.max_steps changed from 2 to 5, which changes the learning-rate schedule"),
+    ("resume-state-not-a-number", "distill", ["hydra.run.dir={bad_state}", "trainer.resume=auto",
+                                              "trainer.eval_every=0", "trainer.max_steps=2"],
+     "holds no complete checkpoint (step-000002 lacks a readable trainer_state.json)"),
+    ("resume-state-path-not-a-number", "distill", ["trainer.resume={bad_state}/checkpoints/step-000002",
+                                                   "trainer.eval_every=0", "trainer.max_steps=2"],
+     "not a complete rlkd checkpoint (missing a readable trainer_state.json)"),
     ("cache-temperature-inf", "cache-teacher", ["cache.temperatures=[inf]"],
      "cache.temperatures must be a list of numbers (each > 0), got inf"),
     ("disk-full-torch", "distill", ["trainer.max_steps=2", "trainer.eval_every=0"], "the disk is full"),

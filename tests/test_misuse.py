@@ -82,6 +82,8 @@ def test_claiming_a_run_dir_to_continue_it_removes_its_stale_summary(tmp_path):
     assert (tmp_path / "summary.json").exists()  # a refused run changes nothing
     rundir.claim(tmp_path, command="distill", resume=True)
     try:
+        assert (tmp_path / "summary.json").exists()  # claimed, not yet accepted: its checks may still refuse it
+        rundir.accept(tmp_path)
         assert not (tmp_path / "summary.json").exists()
     finally:
         rundir.release(tmp_path)

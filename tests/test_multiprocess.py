@@ -39,9 +39,11 @@ def test_two_processes_match_one_process(tmp_path):
     (tmp_path / "two").mkdir()
     two = _launch(["distill", *over], tmp_path / "two", nproc=2)  # no hydra.run.dir: one shared run dir
     assert two.returncode == 0, two.stderr[-3000:]
-    runs = list((tmp_path / "two" / "outputs" / "distill").iterdir())
+    outputs = tmp_path / "two" / "outputs" / "distill"
+    runs = [p for p in outputs.iterdir() if not p.is_symlink()]
     assert len(runs) == 1, runs  # both processes wrote into the same run dir
     two_dir = runs[0]
+    assert (outputs / "latest").resolve() == two_dir.resolve()  # written once, by process 0
     one_dir = tmp_path / "one"
     train("distill", over, one_dir)  # the reference, in this process (same cache: the teacher trained above)
 

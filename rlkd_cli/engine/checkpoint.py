@@ -62,12 +62,50 @@ class TrainState:
     train_time_s: float = 0.0
     data_fingerprint: str = ""   # of the training split (a resume on other data is refused)
     sharded: bool = False        # written by an FSDP / DeepSpeed run
+    schedule_start: int = 0      # the step the learning-rate schedule began at (trainer.on_max_steps_change=restart)
+    schedule_steps: int = 0      # its length in steps (0: the checkpoint config's trainer.max_steps)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
+        """Parse ``trainer_state.json``; ValueError naming the field whose value has the wrong type."""
         data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, kind = data[f.name], type(f.default)
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value))
+                if kind in (int, float) else isinstance(value, kind))
+            if not ok:
+                raise ValueError(f"{f.name} is {value!r}, not {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
+            values[f.name] = kind(value)
+        return cls(**values)
+
+
+def read_state(ckpt: Path) -> TrainState:
+    """The checkpoint's :class:`TrainState`; one line naming the file when it is missing or damaged."""
+    try:
+        return TrainState.from_json((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError, TypeError, OverflowError) as e:
+        raise RlkdError(f"checkpoint {ckpt} is corrupt: trainer_state.json cannot be read ({first_line(e)}); "
+                        "resume from an earlier checkpoints/step-* folder") from e
+
+
+def step_of(path: Path) -> int:
+    """The step a ``step-N`` folder name stands for (-1 for any other name): checkpoints sort by it, not by name
+    (``step-1000000`` sorts before ``step-999999`` as a string)."""
+    digits = path.name[len("step-"):]
+    return int(digits) if path.name.startswith("step-") and digits.isdigit() else -1
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The ``step-N`` folders of ``checkpoints/``, oldest first (by step)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and step_of(p) >= 0), key=step_of)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +178,7 @@ def _save(run_dir: Path, trainer: Trainer, *, tokenizer, cfg: DictConfig, state:
 
 
 def _prune(root: Path, keep: str, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    steps = step_folders(root)
     for old in steps[:-keep_last]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -158,8 +196,8 @@ def missing_files(path: Path) -> list[str]:
     if not models.has_weights(path):
         missing.append("model weights (model.safetensors or adapter_model.safetensors)")
     try:
-        sharded = bool(json.loads((path / "trainer_state.json").read_text()).get("sharded", False))
-    except (OSError, ValueError, AttributeError):
+        sharded = TrainState.from_json((path / "trainer_state.json").read_text()).sharded
+    except (OSError, ValueError, TypeError, OverflowError):
         return missing or ["a readable trainer_state.json"]
     if not sharded:
         missing += [f for f in UNSHARDED_STATE_FILES if not (path / f).is_file()]
@@ -229,7 +267,7 @@ def find_resume(run_dir: Path, resume: str, clean: bool = True) -> Path | None:
     if removed:
         log.warning("trainer.resume=auto: removed leftovers of an interrupted save: %s", ", ".join(removed))
     candidates = [p for p in [_pointer(root)] if p is not None]
-    candidates += sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    candidates += step_folders(root)[::-1]
     if not candidates:
         return None
     for path in candidates:
@@ -237,7 +275,8 @@ def find_resume(run_dir: Path, resume: str, clean: bool = True) -> Path | None:
             if path != candidates[0]:
                 log.warning("trainer.resume=auto: %s is missing or incomplete; using %s", candidates[0], path)
             return path
-    raise RlkdError(f"cannot resume: {root} holds no complete checkpoint; start afresh in a new run dir "
+    why = f"{candidates[0].name} lacks {', '.join(missing_files(candidates[0]))}"
+    raise RlkdError(f"cannot resume: {root} holds no complete checkpoint ({why}); start afresh in a new run dir "
                     "(hydra.run.dir=...) or pass trainer.resume=PATH of a complete checkpoints/step-* folder")
 
 
@@ -273,11 +312,7 @@ def load(ckpt: Path, trainer: Trainer) -> TrainState:
     this process's RNG file is checked first.
     """
     rt = trainer.runtime
-    try:
-        state = TrainState.from_json((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError, TypeError) as e:
-        raise RlkdError(f"checkpoint {ckpt} is corrupt: trainer_state.json cannot be read ({first_line(e)}); "
-                        "resume from an earlier checkpoints/step-* folder") from e
+    state = read_state(ckpt)
     rng = ckpt / STATE_DIR / f"random_states_{rt.rank}.pkl"
     require(rng.is_file(), f"checkpoint {ckpt} has no RNG state for process {rt.rank} ({rng.name}); it was written "
                            f"by a run with fewer processes: resume with the launcher config it was trained with")
@@ -311,10 +346,21 @@ def load(ckpt: Path, trainer: Trainer) -> TrainState:
 # ----------------------------------------------------------------------------------------------
 
 #: Keys that may change between a run and its resumption without changing what is computed.
+#: ``trainer.max_steps`` sets the schedule's length: :mod:`rlkd_cli.engine.schedule` decides on it
+#: (``trainer.on_max_steps_change``).
 RESUME_FREE_KEYS = {"trainer.resume", "trainer.force_resume", "trainer.progress", "trainer.max_steps",
-                    "trainer.stop_after", "trainer.threads",
+                    "trainer.on_max_steps_change", "trainer.stop_after", "trainer.threads",
                     "trainer.eval_every", "trainer.save_every", "trainer.keep_last", "trainer.log_every",
                     "trainer.eval_examples", "checkpoints", "cache_dir", "logger"}
+#: Validation drives ``rollout=adaptive``'s schedule (its share of generated steps grows when the
+#: validation loss stalls): there, when and on what it validates changes what is computed.
+VALIDATION_KEYS = {"trainer.eval_every", "trainer.eval_examples"}
+
+
+def resume_free_keys(cfg: DictConfig) -> set[str]:
+    """The keys a resume of ``cfg``'s run may change (which ones depends on the mode: see VALIDATION_KEYS)."""
+    adaptive = str((cfg.get("rollout") or {}).get("name", "off")) == "adaptive"
+    return RESUME_FREE_KEYS - VALIDATION_KEYS if adaptive else set(RESUME_FREE_KEYS)
 
 
 def _flat(cfg: DictConfig) -> dict[str, Any]:
@@ -332,15 +378,17 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
-    """Keys (dotted) whose values differ between two run configs, ignoring resume-free keys."""
+    """Keys (dotted) whose values differ between two run configs, ignoring the resume-free keys of ``current``'s
+    mode (:func:`resume_free_keys`)."""
     a, b = _flat(saved), _flat(current)
+    free = resume_free_keys(current) & resume_free_keys(saved)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".")
-                                                                for f in RESUME_FREE_KEYS)]
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in free)]
 
 
-def check_resumable(ckpt: Path, cfg: DictConfig, *, sharded: bool, force: bool) -> None:
-    """Refuse to resume under a changed config (unless ``force``) or across sharded/unsharded launches."""
+def check_resumable(ckpt: Path, cfg: DictConfig, *, sharded: bool, force: bool) -> DictConfig:
+    """Refuse to resume under a changed config (unless ``force``) or across sharded/unsharded launches; return
+    the checkpoint's config."""
     try:
         saved = OmegaConf.load(ckpt / "rlkd_config.yaml")
     except Exception as e:  # yaml or OmegaConf errors: the file is damaged
@@ -348,11 +396,13 @@ def check_resumable(ckpt: Path, cfg: DictConfig, *, sharded: bool, force: bool) 
                         "resume from an earlier checkpoints/step-* folder") from e
     diff = config_differences(saved, cfg)
     if diff and not force:
+        why = " (under rollout=adaptive validation drives the schedule)" if set(diff) & VALIDATION_KEYS else ""
         raise RlkdError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff[:6])}"
-                        f"{' ...' if len(diff) > 6 else ''}; run with the checkpoint's config or set "
+                        f"{' ...' if len(diff) > 6 else ''}{why}; run with the checkpoint's config or set "
                         "trainer.force_resume=true")
-    state = TrainState.from_json((ckpt / "trainer_state.json").read_text())
+    state = read_state(ckpt)
     if state.sharded != sharded:
         raise RlkdError(f"cannot resume from {ckpt}: it was written by a {'' if state.sharded else 'non-'}sharded run "
                         f"and this one is {'' if sharded else 'not '}sharded (FSDP/DeepSpeed); resume with the "
                         "launcher config it was trained with")
+    return saved

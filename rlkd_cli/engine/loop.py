@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlkd_cli import models, rollout
 from rlkd_cli.data import dataset as data_mod
 from rlkd_cli.data import loader as loader_mod
-from rlkd_cli.engine import checkpoint, rundir
+from rlkd_cli.engine import checkpoint, rundir, schedule
 from rlkd_cli.engine.checkpoint import TrainState
 from rlkd_cli.engine.progress import Progress
 from rlkd_cli.engine.step import StepResult, TeacherSource, Trainer, train_step
@@ -66,7 +66,13 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
         rundir.claim(run_dir, command=str(cfg.get("command", "train")), resume=bool(tc.get("resume")))
     try:
         s = setup(cfg, runtime, tokenizer, teacher, role=role, label=label or str(cfg.get("command", role)))
-        state = resume(cfg, run_dir, s)
+        state = resume(cfg, run_dir, s)  # every check that can refuse: nothing in the run dir is written before
+        done = _already_completed(run_dir, state, int(tc.max_steps))
+        if done is not None:
+            log.info("[%s] %s already holds the completed run (step %d); nothing to do", s.label, run_dir, state.step)
+            return done
+        if runtime.is_main:
+            commit(cfg, run_dir, state)
         stop_at = min(int(tc.max_steps), state.step + int(tc.stop_after)) if tc.get("stop_after") else int(tc.max_steps)
         log.info("[%s] %s on %s, %s, %d steps of %d examples, loss = %s", s.label, models.describe(cfg[role]),
                  runtime.describe(), f"teacher {teacher.describe()}" if teacher is not None else "no teacher",
@@ -77,7 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                        start=state.step, label=s.label)
         window = _Window()
         runtime.new_memory_window()  # the memory figures are the training's (not set-up's, not a teacher's training)
-        with _sigterm() as sigterm, contextlib.closing(metrics), contextlib.closing(bar):
+        with _stop_signals(s.label) as stop, contextlib.closing(metrics), contextlib.closing(bar):
             while state.step < int(tc.max_steps):
                 if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
                     return finish(cfg, run_dir, s, state, status="stopped")
@@ -101,11 +107,11 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                     getattr(s.batches, "on_validation", lambda v: None)(val)
                 if _due(state.step, tc.save_every, tc.max_steps):
                     save(cfg, run_dir, s, state)
-                if runtime.any(sigterm.is_set()):  # every process stops at the same step
-                    summary = finish(cfg, run_dir, s, state, status="stopped", reason="SIGTERM")
-                    log.warning("[%s] SIGTERM: checkpoint %s written at step %d; resume with trainer.resume=auto",
-                                s.label, summary["checkpoint"], state.step)
-                    raise SystemExit(143)
+                if runtime.any(stop.is_set()):  # every process stops at the same step
+                    summary = finish(cfg, run_dir, s, state, status="stopped", reason=stop.reason)
+                    log.warning("[%s] %s: checkpoint %s written at step %d; resume with trainer.resume=auto "
+                                "hydra.run.dir=%s", s.label, stop.reason, summary["checkpoint"], state.step, run_dir)
+                    raise SystemExit(130 if stop.reason == "SIGINT" else 143)
             val = validate(s.trainer, s.val_batches, s.ks)
             metrics.write({"step": state.step, "split": "validation", **val})
         return finish(cfg, run_dir, s, state, status="completed", val=val)
@@ -183,7 +189,7 @@ def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
     """A fresh :class:`TrainState`, or the one of the checkpoint ``trainer.resume`` names (weights, optimizer,
     schedule, RNG and data position restored; the config and the training data must be the same)."""
     tc, rt = cfg.trainer, s.trainer.runtime
-    state = TrainState(data_fingerprint=s.train.fingerprint)
+    state = TrainState(data_fingerprint=s.train.fingerprint, schedule_steps=int(tc.max_steps))
     if tc.get("resume"):
         if rt.distributed:  # process 0 tidies a killed save's leftovers; the others then look
             if rt.is_main:
@@ -194,8 +200,10 @@ def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
             log.info("[%s] trainer.resume=auto: no checkpoint in %s yet, starting fresh", s.label, run_dir)
         else:
             force = bool(tc.get("force_resume", False))
-            checkpoint.check_resumable(ckpt, cfg, sharded=rt.sharded, force=force)
+            saved = checkpoint.check_resumable(ckpt, cfg, sharded=rt.sharded, force=force)
             state = checkpoint.load(ckpt, s.trainer)
+            state.schedule_start, state.schedule_steps = schedule.decide(state, saved, cfg, s.label)
+            schedule.apply(s.trainer.scheduler, tc, state.schedule_start, state.schedule_steps)
             if state.data_fingerprint and state.data_fingerprint != s.train.fingerprint and not force:
                 raise RlkdError(f"cannot resume from {ckpt}: it was trained on other data (training split fingerprint "
                                 f"{state.data_fingerprint}, this run's {s.train.fingerprint}); use the data it was "
@@ -205,11 +213,30 @@ def resume(cfg: DictConfig, run_dir: Path, s: Setup) -> TrainState:
             if hasattr(s.batches, "load"):
                 s.batches.load(ckpt, rt.rank)
             log.info("[%s] resumed from %s at step %d", s.label, ckpt, state.step)
-            if rt.is_main:
-                rundir.trim_metrics(run_dir, state.step)
-    if rt.is_main:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     return state
+
+
+def _already_completed(run_dir: Path, state: TrainState, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a completed run resumed at its last step with nothing left to do (left as it is)."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(summary, dict) and summary.get("status") == "completed" and summary.get("step") == state.step \
+            and state.step >= max_steps:
+        rundir.restore(run_dir)  # not run: Hydra's record stays the completed run's
+        return summary
+    return None
+
+
+def commit(cfg: DictConfig, run_dir: Path, state: TrainState) -> None:
+    """The run is accepted: from here on it writes into the run dir (the previous summary goes; metrics logged
+    after the checkpoint's step are dropped, as they are logged again; the resolved config)."""
+    rundir.accept(run_dir)
+    rundir.trim_metrics(run_dir, state.step)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,17 +322,35 @@ def _due(step: int, every: Any, max_steps: Any) -> bool:
     return int(every) > 0 and step % int(every) == 0 and step < int(max_steps)
 
 
+class _Stop(threading.Event):
+    """Set by SIGTERM (a scheduler's pre-emption) or a first Ctrl-C; ``reason`` names the signal."""
+
+    reason = "SIGTERM"
+
+
 @contextlib.contextmanager
-def _sigterm():
-    """A flag set by SIGTERM (a scheduler's pre-emption): the loop checkpoints and stops at the step's end."""
-    flag = threading.Event()
+def _stop_signals(label: str):
+    """SIGTERM and SIGINT set a flag: the loop finishes its step, checkpoints and stops. A second Ctrl-C aborts
+    at once (``KeyboardInterrupt``; the steps since the last checkpoint are lost)."""
+    flag = _Stop()
     main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set()) if main else None
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and flag.is_set():
+            raise KeyboardInterrupt
+        if not flag.is_set():
+            flag.reason = signal.Signals(signum).name
+        flag.set()
+        if signum == signal.SIGINT:
+            log.warning("[%s] SIGINT: stopping after this step with a checkpoint (Ctrl-C again to abort at once)",
+                        label)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         yield flag
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +394,7 @@ def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, statu
                                "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
     if status == "stopped":
         summary.update(reason=reason, resumable=True)
-        if reason != "SIGTERM":
+        if reason not in ("SIGTERM", "SIGINT"):
             log.info("[%s] %s: stopped at step %d with checkpoint %s", s.label, reason, state.step, path)
     else:
         val = val or {}

@@ -7,8 +7,13 @@
   checkpoints, a summary, results) is refused unless the new run continues it
   (``trainer.resume=auto`` or a checkpoint path); choose another ``hydra.run.dir`` instead. Hydra's
   own files (``.hydra/``, ``<command>.log``) do not count.
-* **No stale summary.** A continued run removes the previous ``summary.json`` before it starts: the
-  dir never shows an earlier invocation's "completed" or "stopped" beside newer weights.
+* **A refused run changes nothing.** Every check that can refuse a continued run (a changed config,
+  other data, a changed schedule) runs before the dir is written: the previous ``summary.json`` is
+  removed only once the run is accepted (:func:`accept`), and Hydra's ``.hydra/`` record, which
+  Hydra rewrites before the task starts, is kept aside (:func:`protect`) and put back
+  (:func:`restore`) when the run ends without being accepted.
+* **No stale summary.** An accepted continued run removes the previous ``summary.json`` before it
+  trains: the dir never shows an earlier invocation's "completed" or "stopped" beside newer weights.
 
 The CLI claims the run dir before Hydra writes ``.hydra/`` (a Hydra callback), so a refused run
 leaves the old record untouched; the engine claims it again when called from Python (a no-op for
@@ -35,6 +40,7 @@ RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints", "results.json", "
                "teacher_cache", "generations.jsonl", "generations")
 
 _CLAIMED: dict[str, object] = {}  # run dirs this process holds -> their lock
+_KEPT: dict[str, dict[str, bytes]] = {}  # run dirs that held a run -> their .hydra/ files before this invocation
 
 
 def holds_run(path: Path) -> list[str]:
@@ -71,11 +77,77 @@ def claim(path: str | os.PathLike, *, command: str, resume: bool) -> Path:
                         "trainer.resume=auto, or start the new run in another dir with hydra.run.dir=... (nothing "
                         "was overwritten)")
     (path / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}))
-    if resume and (path / "summary.json").exists():
-        (path / "summary.json").unlink()  # it describes an earlier invocation
-        log.info("removed the previous summary.json of %s (this run continues it)", path)
     _CLAIMED[key] = lock
     return path
+
+
+def protect(path: str | os.PathLike) -> None:
+    """Keep the ``.hydra/`` record of a dir that holds a run, before Hydra rewrites it (see :func:`restore`)."""
+    path = Path(path)
+    if not holds_run(path) or str(path.resolve()) in _KEPT:
+        return
+    hydra_dir = path / ".hydra"
+    files = {p.name: p.read_bytes() for p in hydra_dir.iterdir() if p.is_file()} if hydra_dir.is_dir() else {}
+    _KEPT[str(path.resolve())] = files
+
+
+def protected(path: str | os.PathLike) -> bool:
+    """Whether ``path`` held a run whose record this invocation has not (yet) been allowed to change."""
+    return str(Path(path).resolve()) in _KEPT
+
+
+def accept(path: str | os.PathLike) -> None:
+    """The run passed every check and continues the run in ``path``: its record may change from here on.
+
+    The previous ``summary.json`` is removed (it describes an earlier invocation).
+    """
+    path = Path(path)
+    _KEPT.pop(str(path.resolve()), None)
+    if (path / "summary.json").exists():
+        (path / "summary.json").unlink()
+        log.info("removed the previous summary.json of %s (this run continues it)", path)
+
+
+def forget(path: str | os.PathLike) -> None:
+    """The command succeeded on ``path``: Hydra's new record stands."""
+    _KEPT.pop(str(Path(path).resolve()), None)
+
+
+def restore(path: str | os.PathLike) -> bool:
+    """Put back the ``.hydra/`` record :func:`protect` kept, unless the run was accepted; True if it did."""
+    from rlkd_cli.io import atomic_write_bytes
+
+    files = _KEPT.pop(str(Path(path).resolve()), None)
+    if files is None:
+        return False
+    hydra_dir = Path(path) / ".hydra"
+    if hydra_dir.is_dir():
+        for extra in hydra_dir.iterdir():
+            if extra.is_file() and extra.name not in files:
+                extra.unlink()
+    for name, data in files.items():
+        atomic_write_bytes(hydra_dir / name, data)
+    return True
+
+
+def point_latest(path: str | os.PathLike) -> Path | None:
+    """Point ``<parent>/latest`` at the run (or sweep) dir ``path`` (a relative symlink, replaced in one rename),
+    so the newest run of a command is ``outputs/<command>/latest``; a ``latest`` that is not a link is left alone."""
+    path = Path(path).resolve()
+    link = path.parent / "latest"
+    if link.exists() and not link.is_symlink():
+        log.debug("not pointing %s at %s: it is not a link", link, path)
+        return None
+    tmp = path.parent / f".tmp-latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:  # a file system without links: the run itself is unaffected
+        log.debug("cannot point %s at %s: %s", link, path, e)
+        tmp.unlink(missing_ok=True)
+        return None
+    return link
 
 
 def release(path: str | os.PathLike) -> None:
