@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from rlkd_cli import engine, schema
+from rlkd_cli import engine, preflight, schema
 from rlkd_cli.data import tokenizer as tok_mod
 from rlkd_cli.runtime import Runtime
 
@@ -21,4 +21,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tokenizer = tok_mod.for_run(cfg, [(role, cfg[role])])
     if cfg[role].get("name_or_path"):
         tok_mod.check_model_tokenizer(cfg[role].name_or_path, tokenizer, role=role)
+    preflight.before_training(cfg, tokenizer, [role])
     return engine.train(cfg, run_dir, runtime=runtime, tokenizer=tokenizer, teacher=None, role=role)

@@ -108,7 +108,9 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                     raise SystemExit(143)
             val = validate(s.trainer, s.val_batches, s.ks)
             metrics.write({"step": state.step, "split": "validation", **val})
-        return finish(cfg, run_dir, s, state, status="completed", val=val)
+        return finish(cfg, run_dir, s, state, status="failed" if state.skipped_steps >= state.step else "completed",
+                      val=val, reason=f"no step trained: all {state.step} steps had a non-finite loss or gradient "
+                                      "and were skipped")
     finally:
         if runtime.is_main:
             rundir.release(run_dir)
@@ -166,7 +168,9 @@ def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource |
 def student_model(cfg: DictConfig, tokenizer, *, role: str, runtime: Runtime, label: str):
     """The model to train: loaded or built, LoRA-wrapped per ``<role>.peft``, gradient checkpointing per the trainer."""
     mc, tc = cfg[role], cfg.trainer
-    model = models.load_model(mc, tokenizer, role=role, seed=int(cfg.seed))
+    # fp32 weights, so AdamW updates fp32 masters (transformers keeps a checkpoint's saved dtype, bf16 for most
+    # hub models, when none is given); bf16 training computes in bf16 through autocast
+    model = models.load_model(mc, tokenizer, role=role, seed=int(cfg.seed), dtype=torch.float32)
     if (mc.get("peft") or {}).get("r"):
         require(not runtime.sharded, f"{role}.peft (LoRA) runs under DDP or on one process; FSDP/DeepSpeed shard the "
                                      f"model and rlkd does not save sharded adapters: use DDP or {role}.peft.r=null")
@@ -341,12 +345,20 @@ def _base_source(model_cfg: DictConfig) -> str | None:
 
 def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, status: str,
            val: dict[str, float] | None = None, reason: str = "trainer.stop_after") -> dict[str, Any]:
-    """The last checkpoint and ``summary.json``: ``completed`` with the final validation, or ``stopped``
-    (``trainer.stop_after`` or SIGTERM; ``trainer.resume=auto`` continues it)."""
+    """The last checkpoint and ``summary.json``: ``completed`` with the final validation, ``stopped``
+    (``trainer.stop_after`` or SIGTERM; ``trainer.resume=auto`` continues it), or ``failed`` (no step was
+    trained: every update was skipped as non-finite; no checkpoint, and an error line, exit 2)."""
     tc, rt = cfg.trainer, s.trainer.runtime
-    path = save(cfg, run_dir, s, state)
+    path = save(cfg, run_dir, s, state) if status != "failed" else None  # no checkpoint of a model never trained
     summary: dict[str, Any] = {"command": cfg.get("command"), "status": status, "step": state.step,
                                "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
+    if status == "failed":
+        summary.update(error=reason, skipped_steps=state.skipped_steps)
+        if rt.is_main:
+            atomic_write_json(run_dir / "summary.json", summary)
+        rt.barrier()
+        raise RlkdError(f"{reason} (the weights or logits of the teacher or student are NaN/Inf, or trainer.lr is "
+                        f"far too high); nothing was trained, summary.json says status 'failed'")
     if status == "stopped":
         summary.update(reason=reason, resumable=True)
         if reason != "SIGTERM":
