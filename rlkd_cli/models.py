@@ -22,9 +22,11 @@ every other part uses to load, build, save and check models.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +269,7 @@ def apply_peft(model, peft_cfg: Any, *, seed: int = 0, role: str = "student"):
     config = LoraConfig(r=int(pc["r"]), lora_alpha=float(pc.get("alpha", 16)), lora_dropout=float(pc.get("dropout", 0)),
                         target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
                         task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
         torch.manual_seed(seed)
         try:
             wrapped = get_peft_model(model, config)
@@ -275,6 +277,17 @@ def apply_peft(model, peft_cfg: Any, *, seed: int = 0, role: str = "student"):
             raise RlkdError(f"cannot apply LoRA to the {role}: {_first_line(e)}; set {role}.peft.target_modules to "
                             "module names of this model (e.g. [q_proj,v_proj]) or all-linear") from e
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft's ``PeftModel`` reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning in every
+    LoRA run and adapter load); it is the same value as ``is_activation_checkpointing``, so only that one
+    warning is dropped, only around peft's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def enable_gradient_checkpointing(model, *, role: str = "student") -> None:
@@ -382,7 +395,8 @@ def load_adapter_model(folder: Path, *, role: str, dtype: torch.dtype | None = N
     base = load_pretrained(source, role=f"{role} (base of the adapter in {folder})", dtype=dtype,
                            trust_remote_code=trust_remote_code, key=key)
     try:
-        model = PeftModel.from_pretrained(base, str(folder))
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(folder))
     except (ValueError, RuntimeError, KeyError) as e:
         raise RlkdError(f"the adapter in '{folder}' does not fit its base model {source} ({_first_line(e)}); "
                         "use the base model it was trained on") from e
