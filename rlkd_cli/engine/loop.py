@@ -86,7 +86,10 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                 batches = s.batches.next(state)  # the dataset's, or generated (rollout)
                 result = train_step(s.trainer, batches, align_ks=s.ks if log_step and teacher is not None else None)
                 result.seconds = time.perf_counter() - t0  # the whole step, generation included
-                advance(state, result, max_bad=int(tc.max_bad_steps), metrics=metrics)
+                try:
+                    advance(state, result, max_bad=int(tc.max_bad_steps), metrics=metrics)
+                except RlkdError as e:  # too many non-finite steps in a row: a failed run, said so in summary.json
+                    fail(cfg, run_dir, s, state, str(e))
                 window.add(result)
                 if log_step:
                     record = window.record(state, s.trainer, s.batches)
@@ -343,22 +346,30 @@ def _base_source(model_cfg: DictConfig) -> str | None:
     return str(local.resolve()) if local.exists() else str(name)
 
 
+def fail(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, message: str) -> None:
+    """End a run that cannot go on (non-finite steps): ``summary.json`` with status ``failed`` and the reason,
+    so no earlier summary or report takes it for a finished run, then the error line (exit 2)."""
+    rt = s.trainer.runtime
+    if rt.is_main:
+        atomic_write_json(run_dir / "summary.json", {
+            "command": cfg.get("command"), "status": "failed", "error": message, "step": state.step,
+            "max_steps": int(cfg.trainer.max_steps), "skipped_steps": state.skipped_steps,
+            "checkpoint": str(s.saved[1]) if s.saved and s.saved[1] else None})
+    raise RlkdError(message)
+
+
 def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, status: str,
            val: dict[str, float] | None = None, reason: str = "trainer.stop_after") -> dict[str, Any]:
     """The last checkpoint and ``summary.json``: ``completed`` with the final validation, ``stopped``
     (``trainer.stop_after`` or SIGTERM; ``trainer.resume=auto`` continues it), or ``failed`` (no step was
     trained: every update was skipped as non-finite; no checkpoint, and an error line, exit 2)."""
     tc, rt = cfg.trainer, s.trainer.runtime
-    path = save(cfg, run_dir, s, state) if status != "failed" else None  # no checkpoint of a model never trained
+    if status == "failed":  # no final checkpoint of a model that was never trained
+        fail(cfg, run_dir, s, state, f"{reason} (the teacher's or student's logits are NaN/Inf, or trainer.lr is "
+                                     "far too high); nothing was trained, summary.json says status 'failed'")
+    path = save(cfg, run_dir, s, state)
     summary: dict[str, Any] = {"command": cfg.get("command"), "status": status, "step": state.step,
                                "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
-    if status == "failed":
-        summary.update(error=reason, skipped_steps=state.skipped_steps)
-        if rt.is_main:
-            atomic_write_json(run_dir / "summary.json", summary)
-        rt.barrier()
-        raise RlkdError(f"{reason} (the weights or logits of the teacher or student are NaN/Inf, or trainer.lr is "
-                        f"far too high); nothing was trained, summary.json says status 'failed'")
     if status == "stopped":
         summary.update(reason=reason, resumable=True)
         if reason != "SIGTERM":
