@@ -7,7 +7,7 @@ files is checked here, right after the tokenizer is known:
 * keys that depend on the vocabulary (``metrics.ks``, the loss terms' ``k``): the vocabulary size is the
   tokenizer's, known before any model loads;
 * model and checkpoint folders (``student.name_or_path``, ``checkpoints=[...]``, ``trainer.resume=PATH``):
-  they exist and hold what a load needs;
+  they exist and hold what a load needs, and the checkpoint a resume continues was written with this config;
 * each model's context (``max_position_embeddings`` of its config) against ``dataset.max_length``,
   the longest sequence it will be given (prompts plus generated responses are capped at it).
 """
@@ -88,19 +88,31 @@ def check_context(model_cfg: Any, *, key: str, max_length: int) -> None:
                                   f"{where}")
 
 
-def check_resume_path(cfg: DictConfig) -> None:
-    """``trainer.resume=PATH`` names a complete checkpoint (``auto`` is resolved in the run dir, later)."""
-    resume = (cfg.get("trainer") or {}).get("resume")
-    if resume and str(resume) != "auto":
-        from rlkd_cli.engine.checkpoint import find_resume
+def check_resume(cfg: DictConfig, run_dir: Path | None, *, sharded: bool = False) -> None:
+    """``trainer.resume=PATH`` names a complete checkpoint, and the one it (or ``auto``, in ``run_dir``) resumes
+    from was written with this config (unless ``trainer.force_resume``). Read-only: the training loop finds it
+    again once it holds the run dir, and tidies a killed save's leftovers then."""
+    tc = cfg.get("trainer") or {}
+    resume = tc.get("resume")
+    if not resume or (str(resume) == "auto" and run_dir is None):
+        return
+    from rlkd_cli.engine import checkpoint
 
-        find_resume(Path("."), str(resume))
+    try:
+        ckpt = checkpoint.find_resume(Path(run_dir or "."), str(resume), clean=False)
+    except RlkdError:
+        if str(resume) != "auto":
+            raise
+        return  # tidying a killed save's leftovers (the loop's, later) may restore a complete checkpoint
+    if ckpt is not None:
+        checkpoint.check_resumable(ckpt, cfg, sharded=sharded, force=bool(tc.get("force_resume", False)))
 
 
-def before_training(cfg: DictConfig, tokenizer, roles: list[str]) -> None:
+def before_training(cfg: DictConfig, tokenizer, roles: list[str], *, run_dir: Path | None = None,
+                    sharded: bool = False) -> None:
     """Every check above for a training command (``rlkd distill``, ``rlkd sft``, ``rlkd cache-teacher``)."""
     check_vocab_keys(cfg, len(tokenizer))
-    check_resume_path(cfg)
+    check_resume(cfg, run_dir, sharded=sharded)
     max_length = int(cfg.dataset.max_length)
     for role in roles:
         mc = cfg.get(role)

@@ -159,6 +159,8 @@ def test_a_bf16_student_checkpoint_trains_in_fp32_and_the_teacher_keeps_its_dtyp
 @pytest.mark.parametrize("command, args, expected", [
     ("distill", ["metrics.ks=[1,5000]"], "metrics.ks holds 5000"),
     ("distill", ["trainer.resume=/nonexistent/ckpt"], "not a complete rlkd checkpoint"),
+    ("distill", ["trainer.resume={ckpt}", "trainer.lr=0.1"], "the config differs in trainer.lr"),
+    ("distill", ["trainer.resume=auto", "trainer.lr=0.1", "hydra.run.dir={run}"], "the config differs in trainer.lr"),
     ("distill", ["student.name_or_path=./missing"], "student.name_or_path './missing' does not exist"),
     ("distill", ["dataset.max_length=1024"], "the teacher takes at most 512 positions"),
     ("sft", ["metrics.ks=[5000]"], "metrics.ks holds 5000"),
@@ -180,9 +182,12 @@ def test_refused_before_the_teacher_loads_or_trains(command, args, expected, che
     (tmp_path / "no-weights").mkdir()
     shutil.copy(checkpoint / "config.json", tmp_path / "no-weights" / "config.json")
     nan = _with_nan(checkpoint, tmp_path / "nan")
-    args = [a.format(no_weights=tmp_path / "no-weights", nan=nan, ckpt=checkpoint) for a in args]
+    args = [a.format(no_weights=tmp_path / "no-weights", nan=nan, ckpt=checkpoint, run=checkpoint.parent.parent)
+            for a in args]
     base = QUICK if command in ("distill", "sft") else TEACHER_ONLY
     monkeypatch.chdir(tmp_path)
-    res = run_cli([command, *base, *args, f"hydra.run.dir={tmp_path}/run"])
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={tmp_path}/run")
+    res = run_cli([command, *base, *args])
     assert res.exit_code == 2, res.output
     assert expected in res.output, res.output

@@ -21,5 +21,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tokenizer = tok_mod.for_run(cfg, [(role, cfg[role])])
     if cfg[role].get("name_or_path"):
         tok_mod.check_model_tokenizer(cfg[role].name_or_path, tokenizer, role=role)
-    preflight.before_training(cfg, tokenizer, [role])
+    preflight.before_training(cfg, tokenizer, [role], run_dir=run_dir, sharded=runtime.sharded)
     return engine.train(cfg, run_dir, runtime=runtime, tokenizer=tokenizer, teacher=None, role=role)
