@@ -86,7 +86,8 @@ def check_source(name_or_path: str, *, key: str) -> None:
 def check_finite(tensors: Any, *, what: str) -> None:
     """Every floating-point tensor of a model (or a name -> tensor mapping) must be finite: NaN or Inf weights
     make every loss and logit NaN, so the run would skip every step and metrics would mean nothing."""
-    items = tensors.items() if isinstance(tensors, dict) else tensors.state_dict().items()
+    # a model's parameters only: a buffer may hold -inf on purpose (an attention mask)
+    items = tensors.items() if isinstance(tensors, dict) else tensors.named_parameters()
     for name, t in items:
         if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
@@ -225,7 +226,6 @@ def load_weights(model, folder: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise RlkdError(f"checkpoint {folder} is corrupt: model.safetensors cannot be read ({_first_line(e)}); "
                         "resume from an earlier checkpoints/step-* folder") from e
-    check_finite(weights, what=f"checkpoint {folder}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied)]
@@ -233,6 +233,7 @@ def load_weights(model, folder: Path) -> None:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
     if tied:
         model.tie_weights()
+    check_finite(model, what=f"checkpoint {folder}")
 
 
 # ----------------------------------------------------------------------------------------------
