@@ -35,17 +35,27 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
     return float(cross_entropy(logits, None, mask, labels=targets, reduction="sum"))
 
 
-@torch.no_grad()
-def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, torch.Tensor]], ks: list[int],
-            device: str, dtype: torch.dtype | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Teacher perplexity and, per checkpoint, alignment metrics; teacher logits computed once per batch."""
-    vocab = len(tokenizer)
+def load_checkpoints(checkpoints: list[str], tokenizer, device, dtype: torch.dtype | None) -> list:
+    """The checkpoints as models in eval mode, checked (tokenizer, vocabulary, finite weights) before the
+    teacher is loaded, so a bad one is refused without waiting for the teacher."""
     students = []
     for path in checkpoints:
-        model = models.load_pretrained(path, role="checkpoint", dtype=dtype)
         tok_mod.check_model_tokenizer(path, tokenizer, role="checkpoint")
+        model = models.load_pretrained(path, role="checkpoint", dtype=dtype)
         models.check_vocab(model, tokenizer, role=f"checkpoint '{path}'")
         students.append(model.to(device).eval())
+    return students
+
+
+@torch.no_grad()
+def measure(checkpoints: list[str], teacher, tokenizer, batches: list[dict[str, torch.Tensor]], ks: list[int],
+            device: str, dtype: torch.dtype | None, students: list | None = None
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Teacher perplexity and, per checkpoint, alignment metrics; teacher logits computed once per batch.
+    ``students``: the checkpoints already loaded (:func:`load_checkpoints`), else loaded here."""
+    vocab = len(tokenizer)
+    if students is None:
+        students = load_checkpoints(checkpoints, tokenizer, device, dtype)
     teacher_nll, count = 0.0, 0.0
     sums: list[dict[str, float]] = [{} for _ in students]
     nll = [0.0 for _ in students]
@@ -88,13 +98,14 @@ def run(cfg: DictConfig, out_dir: Path, *, runtime, tokenizer) -> dict[str, Any]
                 "by rlkd (checkpoints/step-*) or save_pretrained")
     ks = sorted(set(int(k) for k in cfg.metrics.ks))
     dtype = torch.bfloat16 if runtime.precision == "bf16" else None
+    students = load_checkpoints(checkpoints, tokenizer, runtime.device, dtype)
     teacher, teacher_path = live.load(cfg, tokenizer, runtime)
     split = data_mod.build_split(cfg.dataset, tokenizer, str(cfg.split), limit=cfg.get("limit"),
                                  cache_dir=Path(str(cfg.cache_dir)).expanduser() / "datasets")
     batches = eval_batches(split.dataset, batch_size=int(cfg.get("batch_size", 32)), pad_token_id=pad_id(tokenizer))
     log.info("measuring %d checkpoint(s) against teacher %s on %s/%s (%d examples)", len(checkpoints),
              teacher_path, cfg.dataset.get("name"), cfg.split, len(split.dataset))
-    teacher_row, rows = measure(checkpoints, teacher, tokenizer, batches, ks, runtime.device, dtype)
+    teacher_row, rows = measure(checkpoints, teacher, tokenizer, batches, ks, runtime.device, dtype, students)
     result = {"teacher": str(teacher_path), "dataset": cfg.dataset.get("name"), "split": str(cfg.split),
               "examples": len(split.dataset), "ks": ks, **teacher_row, "checkpoints": rows}
     atomic_write_json(out_dir / "alignment.json", result)

@@ -22,6 +22,10 @@ from one top-``K`` selection with ``K = max(ks)``, taking prefixes for smaller `
 equals a direct top-``k`` as a set and in order except when logits tie exactly at the boundary,
 where the choice among tied ids is implementation-defined either way.
 
+Non-finite logits. A counted row holding NaN or +Inf has no top-k list (``torch.topk`` ranks NaN first,
+so two NaN models would "agree"): the per-position values of such rows are NaN, and the sums of any
+batch holding one are NaN, so every rate computed from it is NaN (``null`` in rlkd's JSON), never a number.
+
 Multi-modality. :func:`teacher_modes` counts, per position, the tokens whose teacher probability
 is at least ``ratio`` times the top probability (1 = a unimodal position, where one token clearly
 dominates; 2 or more = several near-equal candidates). :func:`alignment_sums_by_modes` splits the
@@ -117,6 +121,17 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         return top_k(logits, k)[1]
 
 
+def _nonfinite(rows) -> torch.Tensor:
+    """``[N]``: rows holding NaN or +Inf (``-inf`` is a masked-out token, a valid logit): their top-k lists
+    are meaningless (``topk`` ranks NaN first), so any such row makes the rates NaN, never a number."""
+    x = rows.logits if isinstance(rows, TopKLogits) else rows
+    return ~(x < math.inf).all(-1)
+
+
+def _poisoned(s_rows, t_rows) -> bool:
+    return bool(_nonfinite(s_rows).any()) or bool(_nonfinite(t_rows).any())
+
+
 def _overlap_counts(s_ids: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
     """``[N, K]``: entry ``[n, k-1]`` is ``|top_k(S) ∩ top_k(T)|`` at row ``n`` for every prefix ``k``.
 
@@ -140,12 +155,15 @@ def _per_position(student_logits, teacher_logits, k, mask, reduction, kind: str)
     _check_k(k, _vocab(student_logits, teacher_logits))
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
-        s_ids = top_k(_rows(student_logits, pos), k)[1]
-        t_ids = _teacher_topk(_teacher_rows(teacher_logits, pos), k).to(s_ids.device)
+        s_rows, t_rows = _rows(student_logits, pos), _teacher_rows(teacher_logits, pos)
+        s_ids = top_k(s_rows, k)[1]
+        t_ids = _teacher_topk(t_rows, k).to(s_ids.device)
         if kind == "cr":
             values = (s_ids == t_ids).all(-1).float()
         else:
             values = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1).sum(-1).float() / k
+        bad = _nonfinite(s_rows) | _nonfinite(t_rows).to(s_ids.device)
+        values = values.masked_fill(bad, math.nan)  # a non-finite row has no top-k: NaN, never 0 or 1
         return _reduce(values, pos, reduction)
 
 
@@ -159,9 +177,15 @@ def overlap_rate(student_logits, teacher_logits, k, mask=None, reduction="mean")
     return _per_position(student_logits, teacher_logits, k, mask, reduction, "or")
 
 
-def _sums_from_ids(s_ids: torch.Tensor, t_ids: torch.Tensor, ks: Sequence[int], suffix: str = "") -> dict[str, float]:
+def _sums_from_ids(s_ids: torch.Tensor, t_ids: torch.Tensor, ks: Sequence[int], suffix: str = "",
+                   poisoned: bool = False) -> dict[str, float]:
     n = int(s_ids.shape[0])
     out: dict[str, float] = {}
+    if poisoned:  # non-finite logits among the rows: every rate is NaN (sums stay NaN when added up)
+        out.update({f"{m}@{k}{suffix}": math.nan for m in ("cr", "or") for k in ks})
+        out[f"top1{suffix}"] = math.nan
+        out[f"count{suffix}"] = n
+        return out
     if n == 0:
         for k in ks:
             out[f"cr@{k}{suffix}"] = 0.0
@@ -194,9 +218,10 @@ def alignment_sums(student_logits, teacher_logits, ks: Iterable[int], mask=None)
     with torch.no_grad():
         pos = _positions(student_logits.shape, mask, student_logits.device)
         K = max(ks)
-        s_ids = top_k(_rows(student_logits, pos), K)[1]
-        t_ids = _teacher_topk(_teacher_rows(teacher_logits, pos), K).to(s_ids.device)
-        return _sums_from_ids(s_ids, t_ids, ks)
+        s_rows, t_rows = _rows(student_logits, pos), _teacher_rows(teacher_logits, pos)
+        s_ids = top_k(s_rows, K)[1]
+        t_ids = _teacher_topk(t_rows, K).to(s_ids.device)
+        return _sums_from_ids(s_ids, t_ids, ks, poisoned=_poisoned(s_rows, t_rows))
 
 
 def _check_ratio(ratio) -> None:
@@ -274,15 +299,17 @@ def alignment_sums_by_modes(
         pos = _positions(student_logits.shape, mask, student_logits.device)
         K = max(ks)
         t_rows = _teacher_rows(teacher_logits, pos)
-        s_ids = top_k(_rows(student_logits, pos), K)[1]
+        s_rows = _rows(student_logits, pos)
+        s_ids = top_k(s_rows, K)[1]
         t_ids = _teacher_topk(t_rows, K).to(s_ids.device)
         modes = teacher_modes(t_rows, ratio).to(s_ids.device)
+        poisoned = _poisoned(s_rows, t_rows)
         out: dict[str, float] = {}
         for lo, hi, label in buckets:
             sel = modes >= lo
             if hi is not None:
                 sel &= modes < hi
-            out.update(_sums_from_ids(s_ids[sel], t_ids[sel], ks, suffix=f"|{label}"))
+            out.update(_sums_from_ids(s_ids[sel], t_ids[sel], ks, suffix=f"|{label}", poisoned=poisoned))
         return out
 
 
@@ -296,7 +323,8 @@ def add_sums(total: dict[str, float], sums: Mapping[str, float]) -> dict[str, fl
 def finalize(sums: Mapping[str, float]) -> dict[str, float]:
     """Divide every sum by its count: ``"x"`` by ``"count"``, ``"x|bucket"`` by ``"count|bucket"``.
 
-    Count keys are kept as they are. A rate over zero positions is ``nan``.
+    Count keys are kept as they are. A rate over zero positions is ``nan``, and so is one over positions with
+    non-finite logits (their sums are NaN; JSON output writes ``null``).
     """
     out: dict[str, float] = {}
     for key, value in sums.items():

@@ -22,9 +22,11 @@ every other part uses to load, build, save and check models.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,24 +61,53 @@ def describe(model_cfg: DictConfig) -> str:
     return f"arch:{arch.get('model_type', '?')}-{arch.get('num_hidden_layers', '?')}x{arch.get('hidden_size', '?')}"
 
 
-def load_pretrained(name_or_path: str, *, role: str, dtype: torch.dtype | None = None,
-                    trust_remote_code: bool = False) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with one-line errors for the usual mistakes."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
+def check_source(name_or_path: str, *, key: str) -> None:
+    """What can be checked of a model's ``name_or_path`` without loading it: a local path must be a model
+    folder (``config.json`` and safetensors weights, or a LoRA adapter); ``key`` is the config key naming it."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if is_adapter(path):
-        return load_adapter_model(path, role=role, dtype=dtype, trust_remote_code=trust_remote_code)
+        require((path / ADAPTER_WEIGHTS).is_file(), f"'{name_or_path}' has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; "
+                                                    "it is an incomplete adapter checkpoint: use another checkpoints/step-*")
+        return
     if _looks_local(str(name_or_path)) and not path.exists():
-        raise RlkdError(f"{role} model folder '{name_or_path}' does not exist; set {role}.name_or_path to a "
-                        "model folder (saved with save_pretrained) or a hub id")
+        raise RlkdError(f"{key} '{name_or_path}' does not exist; set {key} to a model folder (saved with "
+                        "save_pretrained, e.g. a checkpoint's step-* folder) or a hub id")
+    if path.exists() and not path.is_dir():
+        raise RlkdError(f"{key} '{name_or_path}' is a file, not a model folder; set {key} to a folder written by "
+                        "save_pretrained")
     if path.is_dir() and not (path / "config.json").exists():
-        raise RlkdError(f"'{name_or_path}' is not a model folder (no config.json); point {role}.name_or_path at "
+        raise RlkdError(f"'{name_or_path}' is not a model folder (no config.json); point {key} at "
                         "a folder written by save_pretrained, e.g. a checkpoint's step-* folder")
     if path.is_dir() and not any((path / f).exists() for f in _WEIGHT_FILES):
         raise RlkdError(f"'{name_or_path}' has no safetensors weights (model.safetensors); rlkd loads weights "
                         "from safetensors only: re-save the model with save_pretrained")
+
+
+def check_finite(tensors: Any, *, what: str) -> None:
+    """Every floating-point tensor of a model (or a name -> tensor mapping) must be finite: NaN or Inf weights
+    make every loss and logit NaN, so the run would skip every step and metrics would mean nothing."""
+    # a model's parameters only: a buffer may hold -inf on purpose (an attention mask)
+    items = tensors.items() if isinstance(tensors, dict) else tensors.named_parameters()
+    for name, t in items:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise RlkdError(f"{what} has non-finite weights: tensor '{name}' holds {bad} NaN or Inf value(s) of "
+                            f"{t.numel()}; use an earlier checkpoint (or retrain the model): it cannot teach, "
+                            "train or be measured")
+
+
+def load_pretrained(name_or_path: str, *, role: str, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False, key: str | None = None) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with one-line errors for the usual mistakes; the weights are
+    checked to be finite. ``key``: the config key that named the model (default ``<role>.name_or_path``)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    path = Path(os.path.expanduser(str(name_or_path)))
+    key = key or f"{role}.name_or_path"
+    if is_adapter(path):
+        return load_adapter_model(path, role=role, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_source(str(name_or_path), key=key)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no per-file bars in rlkd's output
@@ -94,7 +125,8 @@ def load_pretrained(name_or_path: str, *, role: str, dtype: torch.dtype | None =
     except OSError as e:
         where = "not in the local hub cache (HF_HUB_OFFLINE is set)" if _offline() else "not reachable on the hub"
         raise RlkdError(f"cannot load {role} model '{name_or_path}': no such local folder, and {where} "
-                        f"({_first_line(e)}); set {role}.name_or_path to a local model folder") from e
+                        f"({_first_line(e)}); set {key} to a local model folder") from e
+    check_finite(model, what=f"{role} model '{name_or_path}'")
     return model
 
 
@@ -201,6 +233,7 @@ def load_weights(model, folder: Path) -> None:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
     if tied:
         model.tie_weights()
+    check_finite(model, what=f"checkpoint {folder}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +270,7 @@ def apply_peft(model, peft_cfg: Any, *, seed: int = 0, role: str = "student"):
     config = LoraConfig(r=int(pc["r"]), lora_alpha=float(pc.get("alpha", 16)), lora_dropout=float(pc.get("dropout", 0)),
                         target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
                         task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
         torch.manual_seed(seed)
         try:
             wrapped = get_peft_model(model, config)
@@ -245,6 +278,17 @@ def apply_peft(model, peft_cfg: Any, *, seed: int = 0, role: str = "student"):
             raise RlkdError(f"cannot apply LoRA to the {role}: {_first_line(e)}; set {role}.peft.target_modules to "
                             "module names of this model (e.g. [q_proj,v_proj]) or all-linear") from e
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft's ``PeftModel`` reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning in every
+    LoRA run and adapter load); it is the same value as ``is_activation_checkpointing``, so only that one
+    warning is dropped, only around peft's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def enable_gradient_checkpointing(model, *, role: str = "student") -> None:
@@ -279,6 +323,11 @@ def save_adapter_model(model, folder: Path, *, merge: bool, base_source: str | N
     base.config.save_pretrained(folder)
     if base_source is None:  # a base built from an arch spec: its (frozen) weights have no other source
         base.save_pretrained(folder / "base", state_dict=plain_state_dict(model), max_shard_size="1000GB")
+    else:  # the base is named (a folder or hub id that may change): record what it was (checked on resume)
+        import json
+
+        (folder / BASE_RECORD).write_text(json.dumps({"source": base_source,
+                                                      "fingerprint": base_fingerprint(model)}) + "\n")
     if merge:
         base.save_pretrained(folder / "merged", state_dict=plain_state_dict(model, merge=True),
                              max_shard_size="1000GB")
@@ -336,16 +385,23 @@ def load_adapter_model(folder: Path, *, role: str, dtype: torch.dtype | None = N
     except (OSError, ValueError) as e:
         raise RlkdError(f"'{folder / ADAPTER_CONFIG}' cannot be read ({_first_line(e)}); use another checkpoint") from e
     base_dir = folder / "base"
+    key = f"base_model_name_or_path in {folder / ADAPTER_CONFIG}"
     source = str(base_dir) if is_complete_model(base_dir) else source
     require(bool(source), f"the adapter in '{folder}' does not say which base model it belongs to "
                           "(base_model_name_or_path); load it with peft and its base model yourself")
+    if _looks_local(str(source)) and not Path(str(source)).expanduser().exists():  # e.g. base/ not copied along
+        raise RlkdError(f"the LoRA checkpoint '{folder}' has no complete base/ folder and the base model its adapter "
+                        f"names does not exist ({key}: '{source}'); copy the checkpoint together with its base/ "
+                        "folder, or set base_model_name_or_path to the base model's folder or hub id")
     base = load_pretrained(source, role=f"{role} (base of the adapter in {folder})", dtype=dtype,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, key=key)
     try:
-        model = PeftModel.from_pretrained(base, str(folder))
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(folder))
     except (ValueError, RuntimeError, KeyError) as e:
         raise RlkdError(f"the adapter in '{folder}' does not fit its base model {source} ({_first_line(e)}); "
                         "use the base model it was trained on") from e
+    check_finite(model, what=f"{role} model '{folder}' (adapter and base)")
     return model.merge_and_unload() if merge else model
 
 
@@ -363,15 +419,76 @@ def load_adapter_weights(model, folder: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise RlkdError(f"checkpoint {folder} is corrupt: {ADAPTER_WEIGHTS} cannot be read ({_first_line(e)}); "
                         "resume from an earlier checkpoints/step-* folder") from e
-    base = Path(folder) / "base" / "model.safetensors"
-    if base.is_file():  # the frozen base this adapter was trained on: this run's must be the same
-        require(_same_base(model, base), f"checkpoint {folder} was trained on other base weights (its base/ differs from this run's "
-                      "student); resume with the student config it was trained with")
-    result = set_peft_model_state_dict(model, weights)
+    check_finite(weights, what=f"checkpoint {folder}'s adapter")
+    _check_base(model, Path(folder))
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # size mismatches: an adapter of another rank or other target modules
+        raise RlkdError(f"checkpoint {folder}'s adapter does not fit this run's LoRA student "
+                        f"({_adapter_settings(Path(folder))} there, r={_rank(model)} here: {_first_line(e)[:160]}); "
+                        "resume with the student.peft settings it was trained with (trainer.force_resume does not "
+                        "change the adapter's shape)") from e
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
     require(not missing and not unexpected, f"checkpoint {folder}'s adapter does not match the model (missing "
             f"{missing[:3]}, unexpected {unexpected[:3]}); resume with the same student.peft settings")
+
+
+BASE_RECORD = "rlkd_base.json"
+
+
+def base_fingerprint(model) -> str:
+    """A hash of a LoRA model's base weights (names, dtypes, shapes, bytes), computed once per model: the
+    base is frozen, so it identifies what the adapter was trained on whatever folder or hub id it came from."""
+    import hashlib
+
+    cached = getattr(model, "_rlkd_base_fingerprint", None)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    for name, t in sorted(_base_tensors(model).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    model._rlkd_base_fingerprint = h.hexdigest()[:32]
+    return model._rlkd_base_fingerprint
+
+
+def _check_base(model, folder: Path) -> None:
+    """The frozen base this adapter was trained on (its ``base/`` copy, else its recorded fingerprint) must be
+    this run's: an adapter on other base weights computes something it was never trained for."""
+    import json
+
+    saved = folder / "base" / "model.safetensors"
+    if saved.is_file():
+        same = _same_base(model, saved)
+    elif (folder / BASE_RECORD).is_file():
+        try:
+            record = json.loads((folder / BASE_RECORD).read_text())
+        except (OSError, ValueError) as e:
+            raise RlkdError(f"checkpoint {folder} is corrupt: {BASE_RECORD} cannot be read ({_first_line(e)}); "
+                            "resume from an earlier checkpoints/step-* folder") from e
+        same = record.get("fingerprint") == base_fingerprint(model)
+    else:  # written before the base was recorded: nothing to compare
+        log.warning("checkpoint %s does not record its base weights; cannot check them", folder)
+        return
+    require(same, f"checkpoint {folder} was trained on other base weights (its base differs from this run's "
+                  "student's, e.g. the student.name_or_path folder was changed); resume with the base it was "
+                  "trained on")
+
+
+def _adapter_settings(folder: Path) -> str:
+    import json
+
+    try:
+        pc = json.loads((folder / ADAPTER_CONFIG).read_text())
+        return f"r={pc.get('r')}, target_modules={pc.get('target_modules')}"
+    except (OSError, ValueError):
+        return "another shape"
+
+
+def _rank(model) -> Any:
+    return getattr(model.peft_config.get("default"), "r", "?")
 
 
 def _first_line(e: BaseException) -> str:

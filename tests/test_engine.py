@@ -127,6 +127,8 @@ def test_nonfinite_loss_stops_after_max_bad_steps(tmp_path):
     with pytest.raises(RlkdError, match="consecutive steps had a non-finite"):
         train("distill", over, tmp_path)
     assert _records(tmp_path)[-1]["skipped_steps"] >= 2
+    summary = json.loads((tmp_path / "summary.json").read_text())  # a failed run, not one that looks unfinished
+    assert summary["status"] == "failed" and "consecutive steps had a non-finite" in summary["error"]
 
 
 def test_sampler_is_deterministic_and_resumable():

@@ -127,6 +127,26 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     shutil.copytree(out["finished"], out["bad_state"], ignore=shutil.ignore_patterns(".rlkd*"))
     state_file = out["bad_state"] / "checkpoints" / checkpoint.name / "trainer_state.json"
     state_file.write_text(state_file.read_text().replace('"step": 2', '"step": "two"'))
+
+    # a checkpoint with one NaN weight (a diverged run's last save)
+    from safetensors.torch import load_file, save_file
+
+    out["nan_weights"] = root / "nan-weights"
+    shutil.copytree(checkpoint, out["nan_weights"])
+    weights = load_file(str(out["nan_weights"] / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(out["nan_weights"] / "model.safetensors"), metadata={"format": "pt"})
+
+    # a LoRA run's checkpoint (rank 4), and a copy without its base/ folder
+    lora = train("distill", QUICK + ["student.peft.r=4", "trainer.max_steps=2", "trainer.eval_every=0"],
+                 root / "lora-run")
+    out["lora"] = Path(lora["checkpoint"])
+    out["lora_no_base"] = root / "lora-no-base"
+    shutil.copytree(out["lora"], out["lora_no_base"])
+    shutil.rmtree(out["lora_no_base"] / "base")  # as if this were the run's own folder, its base/ deleted
+    adapter = json.loads((out["lora_no_base"] / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = str(out["lora_no_base"] / "base")
+    (out["lora_no_base"] / "adapter_config.json").write_text(json.dumps(adapter))
     return out
 
 
@@ -186,7 +206,7 @@ CASES = [
     ("device-unknown", "distill", ["trainer.device=tpu"], "trainer.device must be one of auto, cpu, cuda, got 'tpu'"),
     # models, checkpoints and tokenizers
     ("teacher-missing-folder", "distill", ["teacher.name_or_path=/nonexistent/teacher"],
-     "cannot load tokenizer '/nonexistent/teacher': no such local folder"),
+     "teacher.name_or_path '/nonexistent/teacher' does not exist"),
     ("teacher-hub-offline", "distill", ["teacher.name_or_path=some-org/some-model"],
      "cannot load tokenizer 'some-org/some-model'"),
     ("teacher-bin-only", "distill", ["teacher.name_or_path={bin_only}", "tokenizer.name_or_path={other_tok}"],
@@ -294,6 +314,26 @@ CASES = [
     ("teacher-dtype", "distill", ["teacher.dtype=fp8"], "teacher.dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ("bool-value", "distill", ["trainer.gradient_checkpointing=maybe"],
      "trainer.gradient_checkpointing must be true or false, got 'maybe'"),
+    # models, numerics, checks before loading (issues 18, 23)
+    ("nan-teacher", "distill", ["teacher.name_or_path={nan_weights}"],
+     "has non-finite weights: tensor 'model.layers.0.mlp.down_proj.weight' holds 1 NaN or Inf value(s)"),
+    ("align-nan-weights", "measure-alignment", ["checkpoints=[{nan_weights}]"],
+     "has non-finite weights: tensor 'model.layers.0.mlp.down_proj.weight'"),
+    ("resume-nan-weights", "distill", ["trainer.resume={nan_weights}"],
+     "has non-finite weights: tensor 'model.layers.0.mlp.down_proj.weight'"),
+    ("ks-over-vocab", "distill", ["metrics.ks=[1,5000]"],
+     "metrics.ks holds 5000, more than the vocabulary's 931 tokens"),
+    ("context-too-short", "distill", ["dataset.max_length=1024"],
+     "the teacher takes at most 512 positions (max_position_embeddings in its config) but dataset.max_length=1024"),
+    ("student-context-too-short", "distill", ["student.arch.max_position_embeddings=64", "dataset.max_length=100"],
+     "the student takes at most 64 positions (max_position_embeddings in its config) but dataset.max_length=100; "
+     "set dataset.max_length<=64, or use student.arch.max_position_embeddings"),
+    ("student-missing-folder", "distill", ["student.name_or_path=/nonexistent/student"],
+     "student.name_or_path '/nonexistent/student' does not exist"),
+    ("lora-other-rank", "distill", ["student.peft.r=8", "trainer.resume={lora}", "trainer.force_resume=true"],
+     "adapter does not fit this run's LoRA student (r=4, target_modules="),
+    ("lora-no-base", "measure-alignment", ["checkpoints=[{lora_no_base}]"],
+     "has no complete base/ folder and the base model its adapter names does not exist (base_model_name_or_path in"),
 ]
 
 

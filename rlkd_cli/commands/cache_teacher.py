@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from rlkd_cli import schema
+from rlkd_cli import preflight, schema
 from rlkd_cli.data import tokenizer as tok_mod
 from rlkd_cli.runtime import Runtime
 from rlkd_cli.teachers import cache
@@ -18,4 +18,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     cache.plan(cfg)  # every setting checked before the teacher is loaded or anything is written
     runtime = Runtime.create(cfg.trainer)
     tokenizer = tok_mod.for_run(cfg, [("teacher", cfg.teacher)])
+    preflight.before_training(cfg, tokenizer, ["teacher"])
     return cache.build(cfg, run_dir, runtime=runtime, tokenizer=tokenizer)

@@ -88,6 +88,7 @@ def _model_specs(cfg: DictConfig) -> list[dict[str, Any]]:
                 "(checkpoints/step-*) or save_pretrained, e.g. checkpoints=[outputs/distill/RUN/checkpoints/step-000300]")
         require((path / "config.json").is_file(), f"checkpoint '{c}' is not a model folder (no config.json); pass "
                 "a checkpoints/step-* folder of an rlkd run, or a folder written by save_pretrained")
+        models.check_source(str(c), key="checkpoints")  # weights there too, before any model loads
         specs.append({"label": str(c), "role": "checkpoint", "path": str(c),
                       "trust_remote_code": bool(mcfg.get("trust_remote_code", False))})
     seen: dict[str, str] = {}

@@ -210,6 +210,11 @@ def for_run(cfg, model_cfgs: list):
 
     ``model_cfgs``: ``(role, model config)`` pairs, in order of preference (errors name ``<role>.name_or_path``).
     """
+    from rlkd_cli.models import check_source
+
+    for role, mc in model_cfgs:  # a missing model folder is named as the model key it is, not as a tokenizer
+        if mc is not None and mc.get("name_or_path"):
+            check_source(str(mc.get("name_or_path")), key=f"{role}.name_or_path")
     if cfg.tokenizer.get("name_or_path"):
         return load_tokenizer(str(cfg.tokenizer.name_or_path), config_key="tokenizer.name_or_path")
     for role, mc in model_cfgs:

@@ -92,7 +92,10 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                 batches = s.batches.next(state)  # the dataset's, or generated (rollout)
                 result = train_step(s.trainer, batches, align_ks=s.ks if log_step and teacher is not None else None)
                 result.seconds = time.perf_counter() - t0  # the whole step, generation included
-                advance(state, result, max_bad=int(tc.max_bad_steps), metrics=metrics)
+                try:
+                    advance(state, result, max_bad=int(tc.max_bad_steps), metrics=metrics)
+                except RlkdError as e:  # too many non-finite steps in a row: a failed run, said so in summary.json
+                    fail(cfg, run_dir, s, state, str(e))
                 window.add(result)
                 if log_step:
                     record = window.record(state, s.trainer, s.batches)
@@ -114,7 +117,9 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
                     raise SystemExit(130 if stop.reason == "SIGINT" else 143)
             val = validate(s.trainer, s.val_batches, s.ks)
             metrics.write({"step": state.step, "split": "validation", **val})
-        return finish(cfg, run_dir, s, state, status="completed", val=val)
+        return finish(cfg, run_dir, s, state, status="failed" if state.skipped_steps >= state.step else "completed",
+                      val=val, reason=f"no step trained: all {state.step} steps had a non-finite loss or gradient "
+                                      "and were skipped")
     finally:
         if runtime.is_main:
             rundir.release(run_dir)
@@ -172,7 +177,9 @@ def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource |
 def student_model(cfg: DictConfig, tokenizer, *, role: str, runtime: Runtime, label: str):
     """The model to train: loaded or built, LoRA-wrapped per ``<role>.peft``, gradient checkpointing per the trainer."""
     mc, tc = cfg[role], cfg.trainer
-    model = models.load_model(mc, tokenizer, role=role, seed=int(cfg.seed))
+    # fp32 weights, so AdamW updates fp32 masters (transformers keeps a checkpoint's saved dtype, bf16 for most
+    # hub models, when none is given); bf16 training computes in bf16 through autocast
+    model = models.load_model(mc, tokenizer, role=role, seed=int(cfg.seed), dtype=torch.float32)
     if (mc.get("peft") or {}).get("r"):
         require(not runtime.sharded, f"{role}.peft (LoRA) runs under DDP or on one process; FSDP/DeepSpeed shard the "
                                      f"model and rlkd does not save sharded adapters: use DDP or {role}.peft.r=null")
@@ -384,11 +391,27 @@ def _base_source(model_cfg: DictConfig) -> str | None:
     return str(local.resolve()) if local.exists() else str(name)
 
 
+def fail(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, message: str) -> None:
+    """End a run that cannot go on (non-finite steps): ``summary.json`` with status ``failed`` and the reason,
+    so no earlier summary or report takes it for a finished run, then the error line (exit 2)."""
+    rt = s.trainer.runtime
+    if rt.is_main:
+        atomic_write_json(run_dir / "summary.json", {
+            "command": cfg.get("command"), "status": "failed", "error": message, "step": state.step,
+            "max_steps": int(cfg.trainer.max_steps), "skipped_steps": state.skipped_steps,
+            "checkpoint": str(s.saved[1]) if s.saved and s.saved[1] else None})
+    raise RlkdError(message)
+
+
 def finish(cfg: DictConfig, run_dir: Path, s: Setup, state: TrainState, *, status: str,
            val: dict[str, float] | None = None, reason: str = "trainer.stop_after") -> dict[str, Any]:
-    """The last checkpoint and ``summary.json``: ``completed`` with the final validation, or ``stopped``
-    (``trainer.stop_after`` or SIGTERM; ``trainer.resume=auto`` continues it)."""
+    """The last checkpoint and ``summary.json``: ``completed`` with the final validation, ``stopped``
+    (``trainer.stop_after`` or SIGTERM; ``trainer.resume=auto`` continues it), or ``failed`` (no step was
+    trained: every update was skipped as non-finite; no checkpoint, and an error line, exit 2)."""
     tc, rt = cfg.trainer, s.trainer.runtime
+    if status == "failed":  # no final checkpoint of a model that was never trained
+        fail(cfg, run_dir, s, state, f"{reason} (the teacher's or student's logits are NaN/Inf, or trainer.lr is "
+                                     "far too high); nothing was trained, summary.json says status 'failed'")
     path = save(cfg, run_dir, s, state)
     summary: dict[str, Any] = {"command": cfg.get("command"), "status": status, "step": state.step,
                                "max_steps": int(tc.max_steps), "checkpoint": str(path) if path else None}
