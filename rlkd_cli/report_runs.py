@@ -39,7 +39,7 @@ log = logging.getLogger("rlkd.report")
 RUN_FILES = ("summary.json", "results.json", "alignment.json")
 SKIP_DIRS = {"checkpoints", ".hydra", "tensorboard", "wandb", "mlruns", "__pycache__"}
 DEFAULT_VALUE = "default"
-EVAL_METRICS = ("accuracy", "rougeL", "perplexity")
+EVAL_METRICS = ("accuracy", "rougeL", "perplexity", "coverage")
 
 
 @dataclass

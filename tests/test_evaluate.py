@@ -163,9 +163,28 @@ def test_rescoring_own_predictions_and_limit(tmp_path):
     """predictions.jsonl written by evaluate (with its model key) scores again to the same numbers."""
     first, lines = _score_file(tmp_path / "a", SMALL_SYNTH + ["eval.limit=10"], FIXTURES / "two_models.jsonl")
     assert [r["model"] for r in first["models"]] == [str(FIXTURES / "two_models.jsonl"), "other"]
-    assert first["models"][0]["examples"] == 2 and first["models"][0]["missing"] == 8
+    assert first["models"][0]["predicted"] == 2 and first["models"][0]["missing"] == 8
+    assert first["models"][0]["examples"] == 10 and first["models"][0]["coverage"] == 0.2
     again, _ = _score_file(tmp_path / "b", SMALL_SYNTH + ["eval.limit=10"], tmp_path / "a" / "out" / "predictions.jsonl")
     assert [(r["model"], r["accuracy"]) for r in again["models"]] == [(r["model"], r["accuracy"]) for r in first["models"]]
+
+
+def test_partial_predictions_are_scored_over_every_example_with_their_coverage(tmp_path):
+    """4 right answers for 4 of the 32 test ids: accuracy 4/32 and coverage 4/32, never 1.0 over the 4."""
+    from rlkd_cli.data import dataset as data_mod
+
+    examples = data_mod.load_examples(compose("evaluate", SMALL_SYNTH).dataset, "test")
+    assert len(examples) == 32
+    preds = tmp_path / "four.jsonl"
+    preds.write_text("".join(json.dumps({"id": ex["id"], "prediction": ex["reference"]}) + "\n" for ex in examples[:4]))
+    result, lines = _score_file(tmp_path, SMALL_SYNTH, preds)
+    row = result["models"][0]
+    assert (row["accuracy"], row["coverage"], row["predicted"], row["missing"], row["examples"]) == (
+        4 / 32, 4 / 32, 4, 28, 32)
+    assert len(lines) == 4 and all(line["correct"] for line in lines)
+    res = run_cli(["evaluate", *SMALL_SYNTH, f"predictions={preds}", f"hydra.run.dir={tmp_path}/cli"])
+    assert res.exit_code == 0, res.output
+    assert "4/32" in res.output and "0.1250" in res.output  # the table's coverage column and accuracy
 
 
 # ----------------------------------------------------------------------------------------------
