@@ -104,9 +104,24 @@ def format_hydra_error(ex: BaseException, command: str = "") -> str:
         return f"config error{f' at {key}' if key else ''}: {str(ex).strip().splitlines()[0]}"
     text = " ".join(str(ex).split())
     text = text.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "").strip()
+    preset = _preset_error(text, command)
+    if preset:
+        return preset
     if "Could not override" in text or "Key '" in text:
         return text + " (check the key's spelling with --cfg job; add a new key with +key=value)"
     return text
+
+
+def _preset_error(text: str, command: str) -> str | None:
+    """A preset (``experiment=...``) that sets a group or key this command lacks: say so, not "check the spelling"."""
+    m = re.match(r"^In '([\w+-]+)/([^']+)': (?:Could not override '([^']+)'\. No match in the defaults list"
+                 r"|.*Key '([^']+)' not in '\w+')", text)
+    if not m:
+        return None
+    group, option, what = m.group(1), m.group(2), m.group(3) or m.group(4)
+    kind = "the config group" if m.group(3) else "the key"
+    return (f"{group}={option} sets {kind} '{what}', which rlkd {command} does not have; drop it from that "
+            f"preset ({group}/{option}.yaml), or use the preset with a command that has it")
 
 
 def composition_error(ex: BaseException) -> BaseException:

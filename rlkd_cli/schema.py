@@ -254,6 +254,9 @@ class CacheTeacherConfig(TrainConfig):
 @dataclass
 class MeasureConfig(CommonConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # set by the experiment presets (experiment=smoke, paper_sft) for the training commands; unused here
+    student: Optional[StudentConfig] = None
+    loss: Optional[LossConfig] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoints: List[str] = _f([])
@@ -265,6 +268,9 @@ class MeasureConfig(CommonConfig):
 @dataclass
 class EvaluateConfig(CommonConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # set by the experiment presets (experiment=smoke, paper_sft) for the training commands; unused here
+    student: Optional[StudentConfig] = None
+    loss: Optional[LossConfig] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: EvalModelConfig = field(default_factory=EvalModelConfig)

@@ -34,6 +34,24 @@ def test_command_help_is_hydras_with_groups():
     assert "trainer: debug, default" in res.stdout
 
 
+@pytest.mark.parametrize("command", ["evaluate", "measure-alignment"])
+@pytest.mark.parametrize("experiment", ["smoke", "paper_sft", "paper_pretrain"])
+def test_evaluation_commands_compose_every_experiment_preset(command, experiment):
+    """The presets the configs' comments offer compose for evaluate and measure-alignment too, with the
+    teacher and data the training commands get from them."""
+    cfg, train_cfg = compose(command, [f"experiment={experiment}"]), compose("distill", [f"experiment={experiment}"])
+    assert cfg.teacher == train_cfg.teacher and cfg.dataset == train_cfg.dataset
+
+
+@pytest.mark.slow
+def test_evaluate_runs_with_the_smoke_preset(tmp_path):
+    res = run_cli(["evaluate", *QUICK, "include_teacher=true", "eval.limit=4", "eval.max_new_tokens=8",
+                   f"hydra.run.dir={tmp_path}/ev"])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "ev" / "results.json").read_text())["models"][0]
+    assert row["role"] == "teacher" and row["examples"] == 4
+
+
 def test_cfg_job_prints_the_composed_config():
     res = _rlkd("distill", "loss=kl", "trainer.max_steps=7", "--cfg", "job")
     assert res.returncode == 0, res.stderr

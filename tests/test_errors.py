@@ -122,6 +122,13 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     # the embedded tokenizer)
     out["finished"] = checkpoint.parent.parent
     out["checkpoint"] = checkpoint
+
+    # a user's experiment presets (hydra.searchpath) that set a group / a key the evaluate command lacks
+    out["presets"] = root / "presets"
+    (out["presets"] / "experiment").mkdir(parents=True)
+    (out["presets"] / "experiment" / "with_rollout.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /rollout: mixed\n")
+    (out["presets"] / "experiment" / "with_key.yaml").write_text("# @package _global_\nfoo: {bar: 1}\n")
     return out
 
 
@@ -279,6 +286,11 @@ CASES = [
     ("teacher-dtype", "distill", ["teacher.dtype=fp8"], "teacher.dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ("bool-value", "distill", ["trainer.gradient_checkpointing=maybe"],
      "trainer.gradient_checkpointing must be true or false, got 'maybe'"),
+    # reports, evaluation and CLI messages (issues 18, 23)
+    ("preset-group-missing", "evaluate", ["experiment=with_rollout", "hydra.searchpath=[file://{presets}]"],
+     "experiment=with_rollout sets the config group 'rollout', which rlkd evaluate does not have"),
+    ("preset-key-missing", "evaluate", ["experiment=with_key", "hydra.searchpath=[file://{presets}]"],
+     "experiment=with_key sets the key 'foo', which rlkd evaluate does not have"),
 ]
 
 
