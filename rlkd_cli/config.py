@@ -59,9 +59,12 @@ def launch_time() -> datetime.datetime:
 
 
 def register_resolvers() -> None:
-    """``${rlkd_now:FORMAT}``: like Hydra's ``${now:...}``, but the same for every process of a launch."""
+    """``${rlkd_now:FORMAT}``: like Hydra's ``${now:...}``, but the same for every process of a launch;
+    ``${rlkd_groups:COMMAND}``: the config groups that command composes, for its ``--help``."""
     if not OmegaConf.has_resolver("rlkd_now"):
         OmegaConf.register_new_resolver("rlkd_now", lambda fmt: launch_time().strftime(fmt), use_cache=True)
+    if not OmegaConf.has_resolver("rlkd_groups"):
+        OmegaConf.register_new_resolver("rlkd_groups", lambda command: groups_help(command_groups(str(command))))
 
 
 register_resolvers()
@@ -92,6 +95,17 @@ def load_group_option(group: str, option: str) -> DictConfig:
     return cfg
 
 
-def groups_help() -> str:
+def command_groups(command: str) -> list[str]:
+    """The groups ``conf/<command>.yaml`` composes (its defaults list; ``optional`` entries, filled only by
+    a preset, left out), e.g. ``evaluate`` has no ``student`` or ``loss`` to choose."""
+    path = conf_dir() / f"{command}.yaml"
+    if not path.exists():
+        return list(GROUPS)
+    entries = OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
+    names = [str(k) for e in entries if isinstance(e, dict) for k in e]
+    return [g for g in GROUPS if g in names]
+
+
+def groups_help(groups=GROUPS) -> str:
     """Lines ``group: opt1, opt2, ...`` for the CLI's help."""
-    return "\n".join(f"  {g}: {', '.join(group_options(g))}" for g in GROUPS)
+    return "\n".join(f"  {g}: {', '.join(group_options(g))}" for g in groups)

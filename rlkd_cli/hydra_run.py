@@ -56,6 +56,26 @@ def _check_group_choices(args: list[str]) -> None:
                                 f"(or add conf/{group}/{choice}.yaml)")
 
 
+def _check_dash_options(command: str, args: list[str]) -> None:
+    """``--max_steps 10`` (argparse style, which Hydra answers with its usage dump): one line with the
+    ``key=value`` override to write instead, e.g. ``trainer.max_steps=10``."""
+    from hydra._internal.utils import get_args_parser
+
+    from rlkd_cli import schema
+
+    _, unknown = get_args_parser().parse_known_args(args)
+    for opt in (u for u in unknown if u.startswith("-")):
+        name, eq, value = opt.lstrip("-").partition("=")
+        if not eq:
+            nxt = args[args.index(opt) + 1] if args.index(opt) + 1 < len(args) else ""
+            value = nxt if nxt and "=" not in nxt and not nxt.startswith("-") else "VALUE"
+        name = name.replace("-", "_")
+        keys = sorted((k for k in schema.dotted_keys(command) if k == name or k.endswith("." + name)), key=len)
+        example = f"{keys[0]}={value}" if keys else f"KEY={value}"
+        raise RlkdError(f"'{opt}' is not an option of rlkd {command}: settings are key=value overrides, e.g. "
+                        f"{example}; rlkd {command} --help lists the keys")
+
+
 _TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
@@ -142,12 +162,15 @@ def _print_error(message: str) -> None:
 
 
 def _one_line(ex: BaseException, debug: bool, command: str = "") -> int:
-    """Print ``ex`` as one ``error:`` line (or re-raise with ``--debug``); return the exit code."""
+    """Print ``ex`` as one ``error:`` line (after its traceback with ``--debug``); return the exit code
+    (2 for a user error, with or without ``--debug``)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     if debug:
-        raise ex
+        import traceback
+
+        traceback.print_exception(ex, file=sys.stderr)
     if isinstance(ex, RlkdError):
         _print_error(str(ex))
         return ex.exit_code
@@ -182,6 +205,7 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     prev_term = _stop_on_sigterm()
     try:
         _check_group_choices(args)
+        _check_dash_options(command, args)
         args = _multiprocess_args(args)
         schema.register()
         sys.argv = [f"rlkd {command}", *args]

@@ -551,6 +551,23 @@ def nearest_key(command: str, key: str) -> str | None:
     return f"{parent + '.' if parent else ''}{close[0]}" if close else None
 
 
+def dotted_keys(command: str) -> list[str]:
+    """Every dotted key of ``command``'s schema, e.g. ``trainer.max_steps`` (nested dataclasses walked)."""
+    out: list[str] = []
+
+    def walk(cls: Any, prefix: str) -> None:
+        for name, tp in _hints(cls).items():
+            base = _unwrap_optional(tp)[0]
+            if dataclasses.is_dataclass(base):
+                walk(base, f"{prefix}{name}.")
+            else:
+                out.append(prefix + name)
+
+    if COMMANDS.get(command) is not None:
+        walk(COMMANDS[command], "")
+    return out
+
+
 def dataset_defaults() -> dict[str, Any]:
     """Every dataset key with its default (:class:`DatasetConfig`)."""
     return dataclasses.asdict(DatasetConfig())

@@ -34,6 +34,20 @@ def test_command_help_is_hydras_with_groups():
     assert "trainer: debug, default" in res.stdout
 
 
+def test_help_lists_only_the_groups_a_command_takes_and_whole_descriptions():
+    groups = lambda text: {line.split(":")[0].strip() for line in  # noqa: E731
+                           text.split("== Config groups")[1].split("== Config (")[0].splitlines()[1:]}
+    assert groups(_rlkd("distill", "--help").stdout) == {
+        "teacher", "student", "dataset", "loss", "trainer", "logger", "rollout", "experiment"}  # no model=
+    assert groups(_rlkd("evaluate", "--help").stdout) == {"teacher", "dataset", "trainer", "experiment"}
+    assert "model" in groups(_rlkd("sft", "--help").stdout)
+    res = run_cli(["--help"])
+    text = " ".join(res.output.split())
+    for whole in ("or the SFT baseline with model=student).", "(for distill teacher.cache=PATH).",
+                  "per swept setting, curves, by-modes split."):  # not cut at Click's 45 characters
+        assert whole in text, whole
+
+
 @pytest.mark.parametrize("command", ["evaluate", "measure-alignment"])
 @pytest.mark.parametrize("experiment", ["smoke", "paper_sft", "paper_pretrain"])
 def test_evaluation_commands_compose_every_experiment_preset(command, experiment):

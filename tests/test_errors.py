@@ -291,6 +291,8 @@ CASES = [
      "experiment=with_rollout sets the config group 'rollout', which rlkd evaluate does not have"),
     ("preset-key-missing", "evaluate", ["experiment=with_key", "hydra.searchpath=[file://{presets}]"],
      "experiment=with_key sets the key 'foo', which rlkd evaluate does not have"),
+    ("dash-option", "distill", ["--max_steps", "10"],
+     "'--max_steps' is not an option of rlkd distill: settings are key=value overrides, e.g. trainer.max_steps=10"),
 ]
 
 
@@ -382,7 +384,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip() == "error: trainer.max_steps must be >= 1, got 0; e.g. trainer.max_steps=1"
-    assert debug.returncode != 0
+    assert debug.returncode == 2  # a user error is exit 2 with --debug too, after the traceback
     assert "Traceback" in debug.stderr and "RlkdError: trainer.max_steps must be >= 1" in debug.stderr
 
 
