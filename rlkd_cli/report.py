@@ -198,10 +198,18 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(stat: tuple[float | None, float | None, int] | None) -> str:
+_COUNT_RE = re.compile(r"(tokens|positions|sequences|examples|count|params/\w+)$")
+
+
+def _cell(stat: tuple[float | None, float | None, int] | None, key: str = "") -> str:
+    """``mean ± std``: rates with 4 decimals; counts (``rollout/generated_tokens``, ``params/*``) as whole
+    numbers (one decimal when a mean over seeds is not whole), never ``43695.0000``."""
     if stat is None or stat[0] is None:
         return ""
     mean, std, _ = stat
+    if _COUNT_RE.search(key.split("|")[0]):
+        show = lambda x: f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"  # noqa: E731
+        return show(mean) if std is None else f"{show(mean)} ± {std:.1f}"
     return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
@@ -216,7 +224,7 @@ def _table(rows: list[dict[str, Any]], metric_keys: list[str], param_keys: list[
         if bad:
             status += f" ({bad} not completed)"
         cells.append([*lead(row), str(row["n"]), status,
-                      *[_cell(row["metrics"].get(k)) for k in metric_keys]])
+                      *[_cell(row["metrics"].get(k), k) for k in metric_keys]])
         for path, st, err in row["errors"]:
             cells.append([*lead(row), "", (f"{st}: {err}" if err else st),
                           *["" for _ in metric_keys]])

@@ -200,3 +200,40 @@ def test_report_table_cells_are_text_and_odd_summary_fields_are_shown(tmp_path):
     res = run_cli(["report", str(tmp_path), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "cannot read [/data/x] [bold]" in " ".join(res.output.split())
+
+
+def test_curves_show_training_and_validation_with_shared_axes_and_the_legend_off_the_panels(tmp_path):
+    from rlkd_cli.plots import curves_figure
+
+    for seed, (loss, cr) in enumerate([("kl", 0.59), ("kl+rank", 0.63)]):
+        run = _fake_run(tmp_path / f"r{seed}", "distill", [f"loss={loss}", f"seed={seed}"], cr1=cr)
+        recs = [{"step": s, "split": "train", "cr@1": 0.1 * s / 10, "cr@2": 0.3, "or@2": 0.5}
+                for s in (10, 20, 30, 40, 50, 60)]
+        recs += [{"step": s, "split": "validation", "cr@1": c, "cr@2": c / 2, "or@2": 0.6}
+                 for s, c in ((0, 0.05), (60, cr))]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    groups = report.group_runs(report.discover_runs([tmp_path]))
+    fig = curves_figure(groups)
+    cr_ax, cr2_ax, or_ax = fig.axes[0], fig.axes[1], fig.axes[2]
+    # per run: the training line (6 points) and the validation points from step 0
+    assert sorted(len(line.get_xdata()) for line in cr_ax.get_lines()) == [2, 2, 6, 6]
+    assert min(min(line.get_xdata()) for line in cr_ax.get_lines()) == 0
+    # one row per metric kind, sharing its y axis; 0.59 vs 0.63 is not blown up to the full height
+    assert (cr_ax.get_title(), cr2_ax.get_title(), or_ax.get_title()) == ("CR@1", "CR@2", "OR@2")
+    assert cr_ax.get_shared_y_axes().joined(cr_ax, cr2_ax) and cr2_ax.get_ylim() == cr_ax.get_ylim()
+    low, high = cr2_ax.get_ylim()
+    assert low <= 0.05 and high >= 0.63  # CR@2 alone spans 0.025..0.315: drawn on CR@1's scale
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert all(not legend.overlaps(ax.get_window_extent()) for ax in fig.axes if ax.get_visible())
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "training (every log_every steps)" in labels and "validation" in labels
+
+
+def test_counts_are_whole_numbers_in_the_report(tmp_path):
+    _fake_run(tmp_path / "a", "distill", ["seed=0"], summary={"rollout/generated_tokens": 43695.0,
+                                                             "rollout/mean_length": 12.3456})
+    result = write_report([tmp_path], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| 43695 |" in md and "43695.0000" not in md and "12.3456" in md
+    assert result["rows"][0]["metrics"]["rollout/generated_tokens"][0] == 43695.0
