@@ -269,6 +269,19 @@ def test_sampling_is_seeded(tiny_model):
     assert a == b and a != c
 
 
+def test_evaluate_shows_progress_lines_off_a_terminal(tiny_model, tmp_path, caplog):
+    """Off a terminal (a log, a pipe) evaluate says how far generation is, as distill does for its steps."""
+    import logging
+
+    cfg = compose("evaluate", [f"model.name_or_path={tiny_model}", *SMALL_SYNTH, "dataset.max_length=512",
+                               "eval.limit=20", "eval.max_new_tokens=4", "eval.batch_size=5", "eval.perplexity=false"])
+    with caplog.at_level(logging.INFO, logger="rlkd.engine"):
+        evaluate_cmd.run(cfg, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.name == "rlkd.engine"]
+    assert [line.split(" |")[0] for line in lines] == [f"[evaluate model] {n}/20" for n in (5, 10, 15, 20)], lines
+    assert all("elapsed, ETA" in line for line in lines)
+
+
 def test_evaluate_model_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "run"
     res = run_cli(["evaluate", f"model.name_or_path={tiny_model}", "dataset=synthetic_math", *SMALL_SYNTH,

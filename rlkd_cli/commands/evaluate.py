@@ -293,6 +293,7 @@ def _evaluate_models(state: _Run, specs: list[dict[str, Any]]) -> tuple[list[dic
             row.update(examples=len(examples), scored=corpus["scored"], generation_time_s=round(gen_time, 3))
             lines.extend(_prediction_lines(spec["label"], examples, preds, per))
         if state.metric == "perplexity" or ev["perplexity"]:
+            log.info("%s: perplexity of the %s references", spec["label"], state.split)
             ppl = reference_perplexity(model, tokenizer, cfg.dataset, state.split, limit=ev["limit"],
                                        batch_size=ev["batch_size"])
             row.update(ppl)
@@ -307,25 +308,28 @@ def _evaluate_models(state: _Run, specs: list[dict[str, Any]]) -> tuple[list[dic
 
 
 class _progress:
-    """A rich progress bar over generated examples (a no-op when disabled); yields ``advance(n)``."""
+    """Progress over generated examples, as ``distill`` shows its steps (:class:`rlkd_cli.engine.progress.Progress`):
+    a bar on a terminal, a plain ``[evaluate MODEL] 16/32 | ... elapsed, ETA ...`` line every tenth elsewhere
+    (a SLURM log, a pipe); a no-op with ``trainer.progress=false``. Yields ``advance(n)``."""
 
     def __init__(self, enabled: bool, total: int, label: str):
         self.enabled, self.total, self.label = enabled, total, label
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rlkd_cli.engine.progress import Progress
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-        task = self.bar.add_task(f"generating ({Path(self.label).name or self.label})", total=self.total)
-        self.bar.start()
-        return lambda n: self.bar.update(task, advance=n)
+        self.bar = Progress(enabled=self.enabled, total=self.total, start=0,
+                            label=f"evaluate {Path(self.label).name or self.label}")
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            self.bar.count(done[0])
+
+        return advance
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()
+        self.bar.close()
 
 
 def _fmt(value: Any, digits: int) -> str:
