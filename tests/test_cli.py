@@ -48,6 +48,17 @@ def test_help_lists_only_the_groups_a_command_takes_and_whole_descriptions():
         assert whole in text, whole
 
 
+def test_help_gives_each_key_its_description():
+    """--help prints the composed config with each key's one-line description (the comments of conf/)."""
+    text = _rlkd("distill", "--help").stdout
+    assert "  max_steps: 300  # optimizer steps" in text
+    assert "  resume: null  # null: fresh run; auto: continue from this run dir's latest checkpoint" in text
+    assert "cache_dir: ${oc.env:RLKD_CACHE_DIR," in text  # a literal $ survives the help template
+    text = _rlkd("distill", "dataset=text", "--help").stdout  # the chosen preset's own comments
+    assert "  max_length: 512  # block length" in text
+    assert "split: test  # dataset split to evaluate on" in _rlkd("evaluate", "--help").stdout
+
+
 @pytest.mark.parametrize("command", ["evaluate", "measure-alignment"])
 @pytest.mark.parametrize("experiment", ["smoke", "paper_sft", "paper_pretrain"])
 def test_evaluation_commands_compose_every_experiment_preset(command, experiment):
