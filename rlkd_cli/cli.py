@@ -54,14 +54,18 @@ def _hydra_command(name: str, module: str, help_text: str) -> None:
         run_hydra(name, command_task(module), list(ctx.args))
 
     command.__doc__ = help_text + " --help for its config."
-    app.command(name, context_settings=_PASS_THROUGH, add_help_option=False)(command)
+    # short_help: the command list shows the whole line (wrapped), not Click's first 45 characters
+    app.command(name, context_settings=_PASS_THROUGH, add_help_option=False, short_help=help_text)(command)
 
 
 for _name, (_module, _help) in HYDRA_COMMANDS.items():
     _hydra_command(_name, _module, _help)
 
 
-@app.command()
+_REPORT_HELP = "Tables and plots over runs and sweeps: mean ± std over seeds per swept setting, curves, by-modes split."
+
+
+@app.command(short_help=_REPORT_HELP)
 def report(
     paths: list[Path] = typer.Argument(..., help="run or sweep folders (searched recursively for runs)"),
     out: Path = typer.Option(None, "--out", help="where report.md, report.csv and the plots go (default: the first PATH)"),

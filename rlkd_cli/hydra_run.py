@@ -58,6 +58,26 @@ def _check_group_choices(args: list[str]) -> None:
                                 f"(or add conf/{group}/{choice}.yaml)")
 
 
+def _check_dash_options(command: str, args: list[str]) -> None:
+    """``--max_steps 10`` (argparse style, which Hydra answers with its usage dump): one line with the
+    ``key=value`` override to write instead, e.g. ``trainer.max_steps=10``."""
+    from hydra._internal.utils import get_args_parser
+
+    from rlkd_cli import schema
+
+    _, unknown = get_args_parser().parse_known_args(args)
+    for opt in (u for u in unknown if u.startswith("-")):
+        name, eq, value = opt.lstrip("-").partition("=")
+        if not eq:
+            nxt = args[args.index(opt) + 1] if args.index(opt) + 1 < len(args) else ""
+            value = nxt if nxt and "=" not in nxt and not nxt.startswith("-") else "VALUE"
+        name = name.replace("-", "_")
+        keys = sorted((k for k in schema.dotted_keys(command) if k == name or k.endswith("." + name)), key=len)
+        example = f"{keys[0]}={value}" if keys else f"KEY={value}"
+        raise RlkdError(f"'{opt}' is not an option of rlkd {command}: settings are key=value overrides, e.g. "
+                        f"{example}; rlkd {command} --help lists the keys")
+
+
 _TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
@@ -106,9 +126,24 @@ def format_hydra_error(ex: BaseException, command: str = "") -> str:
         return f"config error{f' at {key}' if key else ''}: {str(ex).strip().splitlines()[0]}"
     text = " ".join(str(ex).split())
     text = text.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "").strip()
+    preset = _preset_error(text, command)
+    if preset:
+        return preset
     if "Could not override" in text or "Key '" in text:
         return text + " (check the key's spelling with --cfg job; add a new key with +key=value)"
     return text
+
+
+def _preset_error(text: str, command: str) -> str | None:
+    """A preset (``experiment=...``) that sets a group or key this command lacks: say so, not "check the spelling"."""
+    m = re.match(r"^In '([\w+-]+)/([^']+)': (?:Could not override '([^']+)'\. No match in the defaults list"
+                 r"|.*Key '([^']+)' not in '\w+')", text)
+    if not m:
+        return None
+    group, option, what = m.group(1), m.group(2), m.group(3) or m.group(4)
+    kind = "the config group" if m.group(3) else "the key"
+    return (f"{group}={option} sets {kind} '{what}', which rlkd {command} does not have; drop it from that "
+            f"preset ({group}/{option}.yaml), or use the preset with a command that has it")
 
 
 def composition_error(ex: BaseException) -> BaseException:
@@ -149,9 +184,12 @@ def error_message(ex: BaseException, command: str = "") -> tuple[str, int]:
 
 
 def _one_line(ex: BaseException, debug: bool, command: str = "") -> int:
-    """Print ``ex`` as one ``error:`` line (or re-raise with ``--debug``); return the exit code."""
+    """Print ``ex`` as one ``error:`` line (after its traceback with ``--debug``); return the exit code
+    (2 for a user error, with or without ``--debug``)."""
     if debug:
-        raise ex
+        import traceback
+
+        traceback.print_exception(ex, file=sys.stderr)
     message, code = error_message(ex, command)
     _print_error(message)
     return code
@@ -180,6 +218,7 @@ def run_hydra(command: str, task: Callable, args: list[str]) -> None:
     prev_handlers = _stop_on_signals()
     try:
         _check_group_choices(args)
+        _check_dash_options(command, args)
         args = _multiprocess_args(args)
         schema.register()
         sys.argv = [f"rlkd {command}", *args]

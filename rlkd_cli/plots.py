@@ -1,4 +1,4 @@
-"""The plots of ``rlkd report``: validation curves, final CR/OR bars per group, CR/OR by teacher modality."""
+"""The plots of ``rlkd report``: training and validation curves, final CR/OR bars per group, CR/OR by teacher modality."""
 
 from __future__ import annotations
 
@@ -25,17 +25,35 @@ def _ks(keys: Iterable[str], kind: str, prefix: str = "") -> list[int]:
 
 
 def plot_curves(groups: list[Group], path: Path) -> bool:
-    """Validation CR@k (top row) and OR@k (bottom row) against step, one line per run, coloured by group."""
-    keys = {k for g in groups for r in g.runs for rec in r.curve for k in rec}
+    """Write :func:`curves_figure` to ``path``; ``False`` when no run has a curve."""
+    fig = curves_figure(groups)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return True
+
+
+def curves_figure(groups: list[Group]):
+    """CR@k (top row) and OR@k (bottom row) against step: one colour per group, one line style per seed; the
+    training values logged every ``trainer.log_every`` steps (thin lines) and the validation points (markers,
+    from step 0); the panels of a row share their y axis, so one metric's panels compare at a glance; the
+    legend sits below the panels, never on one."""
+    runs = [(gi, ri, g, r) for gi, g in enumerate(groups) for ri, r in enumerate(g.runs)]
+    keys = {k for *_, r in runs for rec in (*r.curve, *r.train_curve) for k in rec}
     rows = [(kind, _ks(keys, kind)) for kind in ("cr", "or") if _ks(keys, kind)]
     if not rows:
         rows = [("loss", [0])] if "loss" in keys else []
     if not rows:
-        return False
+        return None
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     ncols = max(len(ks) for _, ks in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(max(3.6 * ncols, 5.0) + 3.6, 3.0 * len(rows) + 0.8),
-                             squeeze=False)
+    legend_cols = max(1, min(len(runs) + 2, 4))
+    legend_h = 0.25 * math.ceil((len(runs) + 2) / legend_cols) + 0.3  # inches below the panels
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(max(3.6 * ncols, 6.5), 3.0 * len(rows) + 0.8 + legend_h),
+                             squeeze=False, sharey="row")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for i, (kind, ks) in enumerate(rows):
@@ -45,26 +63,24 @@ def plot_curves(groups: list[Group], path: Path) -> bool:
                 ax.axis("off")
                 continue
             key = "loss" if kind == "loss" else f"{kind}@{ks[j]}"
-            for gi, g in enumerate(groups):
-                for ri, r in enumerate(g.runs):
-                    pts = [(rec["step"], rec[key]) for rec in r.curve if _finite(rec.get(key))]
-                    if not pts:
-                        continue
-                    xs, ys = zip(*sorted(pts))
-                    ax.plot(xs, ys, styles[ri % len(styles)], marker="o", markersize=3, color=colors[gi % len(colors)],
-                            label=f"{g.label} (seed {r.seed or DEFAULT_VALUE})")
-            ax.set_title("validation loss" if kind == "loss" else f"{kind.upper()}@{ks[j]}")
+            for gi, ri, g, r in runs:
+                look = {"color": colors[gi % len(colors)], "linestyle": styles[ri % len(styles)]}
+                for curve, extra in ((r.train_curve, {"lw": 1.0, "alpha": 0.55}),
+                                     (r.curve, {"lw": 1.8, "marker": "o", "markersize": 4})):
+                    pts = sorted((rec["step"], rec[key]) for rec in curve if _finite(rec.get(key)))
+                    if pts:
+                        ax.plot(*zip(*pts), **look, **extra)
+            ax.set_title("loss" if kind == "loss" else f"{kind.upper()}@{ks[j]}")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.suptitle("Validation CR@k / OR@k against step (one line per run)" if rows[0][0] != "loss"
-                 else "Validation loss against step (one line per run)")
-    fig.tight_layout(rect=(0, 0, 1 - 3.5 / fig.get_figwidth() if handles else 1, 0.95))
-    if handles:
-        fig.legend(handles, labels, loc="center right", fontsize="small")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    handles = [Line2D([], [], color=colors[gi % len(colors)], linestyle=styles[ri % len(styles)], marker="o",
+                      markersize=4, label=f"{g.label} (seed {r.seed or DEFAULT_VALUE})") for gi, ri, g, r in runs]
+    handles += [Line2D([], [], color="0.4", lw=1.0, alpha=0.55, label="training (every log_every steps)"),
+                Line2D([], [], color="0.4", lw=1.8, marker="o", markersize=4, label="validation")]
+    fig.suptitle("CR@k / OR@k against step" if rows[0][0] != "loss" else "Loss against step")
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 0.95))
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize="small", frameon=False)
+    return fig
 
 
 def _bars(ax, rows: list[dict[str, Any]], keys: list[str], xticklabels: list[str], colors) -> None:

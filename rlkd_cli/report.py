@@ -16,12 +16,15 @@ A *run* is any folder under the given paths that holds ``summary.json`` (written
 * ``alignment.json``: each checkpoint row's ``cr@k``, ``or@k``, ``ppl`` and by-modes keys, as
   ``align/<key>`` (one checkpoint) or ``align/<checkpoint folder name>/<key>`` (several).
 
-Grouping. The *swept parameters* are the override keys whose value differs between runs, except
-``seed`` and Hydra's own keys (``hydra.*``, ``hydra/...``). A key a run did not override counts as
-the value its config had (its resolved ``config.yaml``, or the group option Hydra chose, e.g.
-``k=5`` from the ``kl+rank`` preset), and as ``default`` only when no record of the run says. Runs
-with the same values of the swept parameters form a group; the seeds of a group are its replicates.
-Which runs are read, and every job of a sweep with its status: :mod:`rlkd_cli.report_runs`.
+Grouping. Runs of different commands are never one group (``command`` is then a column). Within a
+command, the *swept parameters* are the override keys whose value differs between runs, then any key
+of the runs' resolved ``config.yaml`` that still tells runs apart (a config edited between runs).
+Seed, resume, progress, logging, device and Hydra keys (:data:`EXCLUDED_KEYS`) say how a run ran,
+not what it trained, and never split replicates. A key a run did not override counts as the value
+its config had (its resolved ``config.yaml``, or the group option Hydra chose, e.g. ``k=5`` from the
+``kl+rank`` preset), and as ``default`` only when no record of the run says. Runs with the same
+values of the swept parameters form a group; the seeds of a group are its replicates. Which runs
+are read, and every job of a sweep with its status: :mod:`rlkd_cli.report_runs`.
 
 Aggregation. For every metric of a group, over its *completed* runs where the value is finite:
 
@@ -54,7 +57,10 @@ from rlkd_cli.report_runs import DEFAULT_VALUE, Run, _finite, discover_runs, loa
 __all__ = ["Run", "Group", "discover_runs", "group_runs", "aggregate", "metric_order", "render_csv",
            "render_markdown"]
 
-EXCLUDED_KEYS = {"seed"}
+# Keys that say how a run ran, not what it trained: never a reason to split replicates.
+EXCLUDED_KEYS = {"seed", "cache_dir", "description", "logger", "trainer.resume", "trainer.force_resume",
+                 "trainer.stop_after", "trainer.progress", "trainer.log_every", "trainer.save_every",
+                 "trainer.keep_last", "trainer.device", "trainer.threads"}
 _MODES_RE = re.compile(r"^(?P<prefix>(?:align/(?:[^|]*/)?)?)(?P<kind>cr|or)@(?P<k>\d+)\|(?P<bucket>.+)$")
 
 
@@ -72,21 +78,43 @@ class Group:
 
 
 def _excluded(key: str) -> bool:
-    return key in EXCLUDED_KEYS or key.startswith(("hydra.", "hydra/")) or key == "hydra"
+    """Seed, resume, progress, logging and device keys, and Hydra's own: not settings of the run."""
+    return (key in EXCLUDED_KEYS or key == "hydra" or key.startswith(("hydra.", "hydra/", "logger."))
+            or key.endswith(".device"))
 
 
 def swept_keys(runs: Sequence[Run]) -> list[str]:
-    """Override keys whose value varies across ``runs`` (absent = ``default``), minus seed and hydra keys."""
-    keys: list[str] = []
+    """What tells the groups apart: ``command`` when runs of several commands are read, the override keys
+    whose value varies among runs of one command, then any other config key that still splits a group
+    (a config edited between runs); minus seed, resume, progress, logging, device and Hydra keys."""
+    by_command: dict[str, list[Run]] = {}
+    for run in runs:
+        by_command.setdefault(run.command or DEFAULT_VALUE, []).append(run)
+    keys: list[str] = ["command"] if len({r.command for r in runs if r.command}) > 1 else []
     for run in runs:
         for key in run.overrides:
-            if key not in keys and not _excluded(key):
+            if key not in keys and not _excluded(key) and any(
+                    len({value_of(r, key) for r in rs}) > 1 for rs in by_command.values()):
                 keys.append(key)
-    return [k for k in keys if len({value_of(r, k) for r in runs}) > 1]
+    for key in sorted({k for r in runs for k in r.settings if not _excluded(k)} - set(keys)):
+        if _splits(runs, keys, key):
+            keys.append(key)
+    return keys
+
+
+def _splits(runs: Sequence[Run], keys: list[str], key: str) -> bool:
+    """Whether runs that agree on ``keys`` and all record ``key`` hold different values of it."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(value_of(run, k) for k in keys), []).append(run)
+    return any(all(key in r.settings for r in rs) and len({r.settings[key] for r in rs}) > 1
+               for rs in groups.values())
 
 
 def value_of(run: Run, key: str) -> str:
-    """The run's value of ``key``: its override, else its config's value, else ``default``."""
+    """The run's value of ``key``: its command, its override, else its config's value, else ``default``."""
+    if key == "command":
+        return run.command or DEFAULT_VALUE
     if key in run.overrides:
         return run.overrides[key]
     return run.settings.get(key, DEFAULT_VALUE)
@@ -170,10 +198,18 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(stat: tuple[float | None, float | None, int] | None) -> str:
+_COUNT_RE = re.compile(r"(tokens|positions|sequences|examples|count|params/\w+)$")
+
+
+def _cell(stat: tuple[float | None, float | None, int] | None, key: str = "") -> str:
+    """``mean ± std``: rates with 4 decimals; counts (``rollout/generated_tokens``, ``params/*``) as whole
+    numbers (one decimal when a mean over seeds is not whole), never ``43695.0000``."""
     if stat is None or stat[0] is None:
         return ""
     mean, std, _ = stat
+    if _COUNT_RE.search(key.split("|")[0]):
+        show = lambda x: f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"  # noqa: E731
+        return show(mean) if std is None else f"{show(mean)} ± {std:.1f}"
     return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
@@ -188,7 +224,7 @@ def _table(rows: list[dict[str, Any]], metric_keys: list[str], param_keys: list[
         if bad:
             status += f" ({bad} not completed)"
         cells.append([*lead(row), str(row["n"]), status,
-                      *[_cell(row["metrics"].get(k)) for k in metric_keys]])
+                      *[_cell(row["metrics"].get(k), k) for k in metric_keys]])
         for path, st, err in row["errors"]:
             cells.append([*lead(row), "", (f"{st}: {err}" if err else st),
                           *["" for _ in metric_keys]])
@@ -221,7 +257,7 @@ def _modes_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(runs: list[Run], groups: list[Group], rows: list[dict[str, Any]], sources: Sequence[str],
-                    plots: list[str]) -> str:
+                    plots: list[str], skipped: Sequence[tuple[Path, str]] = ()) -> str:
     param_keys = list(groups[0].params) if groups else []
     n_ok = sum(r.ok for r in runs)
     out = io.StringIO()
@@ -245,6 +281,9 @@ def render_markdown(runs: list[Run], groups: list[Group], rows: list[dict[str, A
     label_of = {id(r): g.label for g in groups for r in g.runs}
     out.write(_markdown_table(["run", "group", "seed", "status"],
                               [[_show(r.path), label_of[id(r)], r.seed or DEFAULT_VALUE, r.status] for r in runs]))
+    if skipped:
+        out.write("\n## Skipped folders\n\n")
+        out.write(_markdown_table(["folder", "why"], [[_show(p), why] for p, why in skipped]))
     if plots:
         out.write("\n## Plots\n\n")
         for name in plots:

@@ -11,6 +11,11 @@ does), each in its numbered folder. A job folder without a summary (killed, or s
 run with status ``incomplete``; a job without a folder, ``not started``. Statuses: ``completed``,
 ``failed``, ``stopped`` (SIGTERM or ``trainer.stop_after``; resumable), ``incomplete``, ``not started``.
 
+A single run folder (Hydra's ``.hydra/`` record) without a summary is a run too, ``incomplete``, with
+what it holds (its last checkpoint): a killed run is listed as a sweep's killed job is. Folders that
+hold files but no run (a ``rlkd generate`` or ``rlkd cache-teacher`` folder without a summary, stray
+files) are *skipped*, each with the reason, so a report never drops a folder silently.
+
 Damaged files do not stop a report: a ``summary.json`` that is not a JSON object makes its run
 ``incomplete`` (with the reason), and a ``metrics.jsonl`` line that is torn, not UTF-8, or has no
 numeric step is skipped with a warning.
@@ -34,7 +39,7 @@ log = logging.getLogger("rlkd.report")
 RUN_FILES = ("summary.json", "results.json", "alignment.json")
 SKIP_DIRS = {"checkpoints", ".hydra", "tensorboard", "wandb", "mlruns", "__pycache__"}
 DEFAULT_VALUE = "default"
-EVAL_METRICS = ("accuracy", "rougeL", "perplexity")
+EVAL_METRICS = ("accuracy", "rougeL", "perplexity", "coverage")
 
 
 @dataclass
@@ -48,7 +53,8 @@ class Run:
     loss_mix: str | None = None
     overrides: dict[str, str] = field(default_factory=dict)
     final: dict[str, float] = field(default_factory=dict)
-    curve: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # validation records of metrics.jsonl
+    train_curve: list[dict[str, Any]] = field(default_factory=list)  # training records (every log_every steps)
     settings: dict[str, str] = field(default_factory=dict)  # dotted key -> value of the run's resolved config
 
     @property
@@ -166,8 +172,8 @@ def _alignment_metrics(alignment: dict) -> dict[str, float]:
     return out
 
 
-def read_curve(path: Path) -> list[dict[str, Any]]:
-    """The validation records of a ``metrics.jsonl``; bad lines (torn, not UTF-8, no numeric step) skipped."""
+def read_curve(path: Path, split: str = "validation") -> list[dict[str, Any]]:
+    """The ``split`` records of a ``metrics.jsonl``; bad lines (torn, not UTF-8, no numeric step) skipped."""
     if not path.exists():
         return []
     records, bad = [], 0
@@ -182,9 +188,9 @@ def read_curve(path: Path) -> list[dict[str, Any]]:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             bad += 1  # a line cut short by a killed job, a damaged byte: the rest is still usable
             continue
-        if rec.get("split") == "validation":
+        if rec.get("split") == split:
             records.append(rec)
-    if bad:
+    if bad and split == "validation":  # warned once per file
         log.warning("%s: skipped %d unreadable line(s)", path, bad)
     return records
 
@@ -195,10 +201,10 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     run = Run(path=run_dir, status="incomplete")
     summary, why = _read_object(run_dir / "summary.json") if (run_dir / "summary.json").exists() else (None, None)
     if summary is not None:
-        run.status = str(summary.get("status", "completed"))
-        run.error = summary.get("error")
-        run.command = summary.get("command")
-        run.loss_mix = summary.get("loss_mix")
+        run.status = _text(summary.get("status")) or "completed"
+        run.error = _text(summary.get("error"))
+        run.command = _text(summary.get("command"))
+        run.loss_mix = _text(summary.get("loss_mix"))
         run.final.update(_summary_metrics(summary))
     elif why:
         run.error = why
@@ -210,12 +216,31 @@ def load_run(run_dir: str | os.PathLike) -> Run:
                 run.error = run.error or why
                 continue
             run.status = run.status if summary is not None else "completed"
-            run.command = run.command or obj.get("command", command)
+            run.command = run.command or _text(obj.get("command")) or command
             run.final.update(metrics_of(obj))
     run.overrides = _read_overrides(run_dir, summary)
     run.settings = _read_settings(run_dir)
+    run.command = run.command or run.settings.get("command")
     run.curve = read_curve(run_dir / "metrics.jsonl")
+    run.train_curve = read_curve(run_dir / "metrics.jsonl", split="train")
+    if run.status == "incomplete" and not run.error:
+        run.error = _incomplete_reason(run_dir)
     return run
+
+
+def _text(value: Any) -> str | None:
+    """A summary's text field as text (``None`` stays ``None``): a list or number there is shown, never hashed."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _incomplete_reason(run_dir: Path) -> str:
+    """Why a run folder without a summary is incomplete, and what it holds."""
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir()) \
+        if (run_dir / "checkpoints").is_dir() else []
+    held = f"last checkpoint {steps[-1]}; continue it with trainer.resume=auto" if steps else "no checkpoint"
+    return f"no summary.json: killed, failed outside a sweep, or still running ({held})"
 
 
 def sweep_jobs(sweep: Path) -> list[tuple[int, list[str]]]:
@@ -239,21 +264,48 @@ def _sweep_runs(sweep: Path, found: set[Path]) -> list[Run]:
     for sub in sorted((p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir()), key=_natural_key):
         if sub.resolve() not in found:
             out.append(load_run(sub))
+    command = None
     for num, overrides in sweep_jobs(sweep):
         job = sweep / str(num)
         if not job.exists():
-            out.append(Run(path=job, status="not started", overrides=parse_overrides(overrides),
+            command = command or _text((_yaml(sweep / "multirun.yaml") or {}).get("command"))
+            out.append(Run(path=job, status="not started", overrides=parse_overrides(overrides), command=command,
                            error="the sweep stopped before this job started"))
     return out
 
 
+NO_REPORT_COMMANDS = ("generate", "cache-teacher")  # their folders hold outputs, not metrics
+
+
+def _folder_kind(dirpath: str, dirnames: list[str], filenames: list[str]) -> tuple[bool, str | None]:
+    """``(is a run, why skipped)`` for one folder of the walk (``(False, None)``: nothing to say about it)."""
+    if any(f in filenames for f in RUN_FILES):
+        return True, None
+    if ".hydra" in dirnames:
+        command = _read_settings(Path(dirpath)).get("command")
+        if command in NO_REPORT_COMMANDS:
+            return False, f"a rlkd {command} folder without summary.json: it holds outputs, no metrics to report"
+        return True, None
+    shown = [f for f in filenames if not f.startswith(".")]
+    if shown and "multirun.yaml" not in filenames:
+        return False, (f"no summary.json, results.json, alignment.json or .hydra/ (holds {', '.join(sorted(shown)[:3])}"
+                       f"{', ...' if len(shown) > 3 else ''})")
+    return False, None
+
+
 def discover_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
+    """Every run under ``paths`` (see :func:`discover`)."""
+    return discover(paths)[0]
+
+
+def discover(paths: Sequence[str | os.PathLike]) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run under ``paths`` (a run dir itself, or any folder above runs) and every job of each sweep among
-    them, in natural path order."""
+    them, in natural path order; and the ``(folder, why)`` of each folder with files that was skipped."""
     if not paths:
         raise RlkdError("give at least one run or sweep folder, e.g. rlkd report outputs/multirun/distill/<time>")
     found: set[Path] = set()
     sweeps: set[Path] = set()
+    skipped: dict[Path, str] = {}
     for p in paths:
         root = Path(os.path.expanduser(str(p)))
         if not root.exists():
@@ -261,9 +313,12 @@ def discover_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
         if not root.is_dir():
             raise RlkdError(f"'{p}' is not a folder; pass a run or sweep folder")
         for dirpath, dirnames, filenames in os.walk(root):
+            is_run, why = _folder_kind(dirpath, dirnames, filenames)
             dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".tmp-")]
-            if any(f in filenames for f in RUN_FILES):
+            if is_run:
                 found.add(Path(dirpath).resolve())
+            elif why:
+                skipped[Path(dirpath)] = why
             if "multirun.yaml" in filenames:
                 sweeps.add(Path(dirpath).resolve())
     runs = [load_run(d) for d in found]
@@ -272,4 +327,7 @@ def discover_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
     if not runs:
         raise RlkdError(f"no runs found under {', '.join(str(p) for p in paths)}: no folder holds summary.json, "
                         "results.json or alignment.json; pass a run dir or a sweep dir of finished rlkd runs")
-    return sorted(runs, key=lambda r: _natural_key(r.path))
+    skipped = {p: why for p, why in skipped.items() if not any(q in found for q in p.resolve().parents)}
+    for path, why in skipped.items():
+        log.warning("skipped %s: %s", path, why)
+    return sorted(runs, key=lambda r: _natural_key(r.path)), sorted(skipped.items(), key=lambda x: _natural_key(x[0]))

@@ -255,6 +255,9 @@ class CacheTeacherConfig(TrainConfig):
 @dataclass
 class MeasureConfig(CommonConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # set by the experiment presets (experiment=smoke, paper_sft) for the training commands; unused here
+    student: Optional[StudentConfig] = None
+    loss: Optional[LossConfig] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoints: List[str] = _f([])
@@ -266,6 +269,9 @@ class MeasureConfig(CommonConfig):
 @dataclass
 class EvaluateConfig(CommonConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # set by the experiment presets (experiment=smoke, paper_sft) for the training commands; unused here
+    student: Optional[StudentConfig] = None
+    loss: Optional[LossConfig] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
@@ -544,6 +550,23 @@ def nearest_key(command: str, key: str) -> str | None:
         return None
     close = difflib.get_close_matches(leaf, list(_hints(cls)), n=1)
     return f"{parent + '.' if parent else ''}{close[0]}" if close else None
+
+
+def dotted_keys(command: str) -> list[str]:
+    """Every dotted key of ``command``'s schema, e.g. ``trainer.max_steps`` (nested dataclasses walked)."""
+    out: list[str] = []
+
+    def walk(cls: Any, prefix: str) -> None:
+        for name, tp in _hints(cls).items():
+            base = _unwrap_optional(tp)[0]
+            if dataclasses.is_dataclass(base):
+                walk(base, f"{prefix}{name}.")
+            else:
+                out.append(prefix + name)
+
+    if COMMANDS.get(command) is not None:
+        walk(COMMANDS[command], "")
+    return out
 
 
 def dataset_defaults() -> dict[str, Any]:

@@ -34,6 +34,49 @@ def test_command_help_is_hydras_with_groups():
     assert "trainer: debug, default" in res.stdout
 
 
+def test_help_lists_only_the_groups_a_command_takes_and_whole_descriptions():
+    groups = lambda text: {line.split(":")[0].strip() for line in  # noqa: E731
+                           text.split("== Config groups")[1].split("== Config (")[0].splitlines()[1:]}
+    assert groups(_rlkd("distill", "--help").stdout) == {
+        "teacher", "student", "dataset", "loss", "trainer", "logger", "rollout", "experiment"}  # no model=
+    assert groups(_rlkd("evaluate", "--help").stdout) == {"teacher", "dataset", "trainer", "experiment"}
+    assert "model" in groups(_rlkd("sft", "--help").stdout)
+    res = run_cli(["--help"])
+    text = " ".join(res.output.split())
+    for whole in ("or the SFT baseline with model=student).", "(for distill teacher.cache=PATH).",
+                  "per swept setting, curves, by-modes split."):  # not cut at Click's 45 characters
+        assert whole in text, whole
+
+
+def test_help_gives_each_key_its_description():
+    """--help prints the composed config with each key's one-line description (the comments of conf/)."""
+    text = _rlkd("distill", "--help").stdout
+    assert "  max_steps: 300  # optimizer steps" in text
+    assert "  resume: null  # null: fresh run; auto: continue from this run dir's latest checkpoint" in text
+    assert "cache_dir: ${oc.env:RLKD_CACHE_DIR," in text  # a literal $ survives the help template
+    text = _rlkd("distill", "dataset=text", "--help").stdout  # the chosen preset's own comments
+    assert "  max_length: 512  # block length" in text
+    assert "split: test  # dataset split to evaluate on" in _rlkd("evaluate", "--help").stdout
+
+
+@pytest.mark.parametrize("command", ["evaluate", "measure-alignment"])
+@pytest.mark.parametrize("experiment", ["smoke", "paper_sft", "paper_pretrain"])
+def test_evaluation_commands_compose_every_experiment_preset(command, experiment):
+    """The presets the configs' comments offer compose for evaluate and measure-alignment too, with the
+    teacher and data the training commands get from them."""
+    cfg, train_cfg = compose(command, [f"experiment={experiment}"]), compose("distill", [f"experiment={experiment}"])
+    assert cfg.teacher == train_cfg.teacher and cfg.dataset == train_cfg.dataset
+
+
+@pytest.mark.slow
+def test_evaluate_runs_with_the_smoke_preset(tmp_path):
+    res = run_cli(["evaluate", *QUICK, "include_teacher=true", "eval.limit=4", "eval.max_new_tokens=8",
+                   f"hydra.run.dir={tmp_path}/ev"])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "ev" / "results.json").read_text())["models"][0]
+    assert row["role"] == "teacher" and row["examples"] == 4
+
+
 def test_cfg_job_prints_the_composed_config():
     res = _rlkd("distill", "loss=kl", "trainer.max_steps=7", "--cfg", "job")
     assert res.returncode == 0, res.stderr

@@ -43,7 +43,7 @@ def test_distill_writes_metrics_summary_and_checkpoint(distilled):
     val = [r for r in lines if r["split"] == "validation"]
     assert [r["step"] for r in train_recs] == [2, 4, 6, 8]
     assert {"loss", "loss/kl", "loss/rank", "cr@1", "or@5", "lr", "tokens_per_s", "positions_per_s"} <= set(train_recs[0])
-    assert [r["step"] for r in val] == [4, 8]
+    assert [r["step"] for r in val] == [0, 4, 8]  # step 0: the untrained student, where the curves start
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == "step-000008"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000008"

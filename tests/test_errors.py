@@ -147,6 +147,13 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     adapter = json.loads((out["lora_no_base"] / "adapter_config.json").read_text())
     adapter["base_model_name_or_path"] = str(out["lora_no_base"] / "base")
     (out["lora_no_base"] / "adapter_config.json").write_text(json.dumps(adapter))
+
+    # a user's experiment presets (hydra.searchpath) that set a group / a key the evaluate command lacks
+    out["presets"] = root / "presets"
+    (out["presets"] / "experiment").mkdir(parents=True)
+    (out["presets"] / "experiment" / "with_rollout.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /rollout: mixed\n")
+    (out["presets"] / "experiment" / "with_key.yaml").write_text("# @package _global_\nfoo: {bar: 1}\n")
     return out
 
 
@@ -334,6 +341,13 @@ CASES = [
      "adapter does not fit this run's LoRA student (r=4, target_modules="),
     ("lora-no-base", "measure-alignment", ["checkpoints=[{lora_no_base}]"],
      "has no complete base/ folder and the base model its adapter names does not exist (base_model_name_or_path in"),
+    # reports, evaluation and CLI messages (issues 18, 23)
+    ("preset-group-missing", "evaluate", ["experiment=with_rollout", "hydra.searchpath=[file://{presets}]"],
+     "experiment=with_rollout sets the config group 'rollout', which rlkd evaluate does not have"),
+    ("preset-key-missing", "evaluate", ["experiment=with_key", "hydra.searchpath=[file://{presets}]"],
+     "experiment=with_key sets the key 'foo', which rlkd evaluate does not have"),
+    ("dash-option", "distill", ["--max_steps", "10"],
+     "'--max_steps' is not an option of rlkd distill: settings are key=value overrides, e.g. trainer.max_steps=10"),
 ]
 
 
@@ -425,7 +439,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip() == "error: trainer.max_steps must be >= 1, got 0; e.g. trainer.max_steps=1"
-    assert debug.returncode != 0
+    assert debug.returncode == 2  # a user error is exit 2 with --debug too, after the traceback
     assert "Traceback" in debug.stderr and "RlkdError: trainer.max_steps must be >= 1" in debug.stderr
 
 

@@ -163,9 +163,28 @@ def test_rescoring_own_predictions_and_limit(tmp_path):
     """predictions.jsonl written by evaluate (with its model key) scores again to the same numbers."""
     first, lines = _score_file(tmp_path / "a", SMALL_SYNTH + ["eval.limit=10"], FIXTURES / "two_models.jsonl")
     assert [r["model"] for r in first["models"]] == [str(FIXTURES / "two_models.jsonl"), "other"]
-    assert first["models"][0]["examples"] == 2 and first["models"][0]["missing"] == 8
+    assert first["models"][0]["predicted"] == 2 and first["models"][0]["missing"] == 8
+    assert first["models"][0]["examples"] == 10 and first["models"][0]["coverage"] == 0.2
     again, _ = _score_file(tmp_path / "b", SMALL_SYNTH + ["eval.limit=10"], tmp_path / "a" / "out" / "predictions.jsonl")
     assert [(r["model"], r["accuracy"]) for r in again["models"]] == [(r["model"], r["accuracy"]) for r in first["models"]]
+
+
+def test_partial_predictions_are_scored_over_every_example_with_their_coverage(tmp_path):
+    """4 right answers for 4 of the 32 test ids: accuracy 4/32 and coverage 4/32, never 1.0 over the 4."""
+    from rlkd_cli.data import dataset as data_mod
+
+    examples = data_mod.load_examples(compose("evaluate", SMALL_SYNTH).dataset, "test")
+    assert len(examples) == 32
+    preds = tmp_path / "four.jsonl"
+    preds.write_text("".join(json.dumps({"id": ex["id"], "prediction": ex["reference"]}) + "\n" for ex in examples[:4]))
+    result, lines = _score_file(tmp_path, SMALL_SYNTH, preds)
+    row = result["models"][0]
+    assert (row["accuracy"], row["coverage"], row["predicted"], row["missing"], row["examples"]) == (
+        4 / 32, 4 / 32, 4, 28, 32)
+    assert len(lines) == 4 and all(line["correct"] for line in lines)
+    res = run_cli(["evaluate", *SMALL_SYNTH, f"predictions={preds}", f"hydra.run.dir={tmp_path}/cli"])
+    assert res.exit_code == 0, res.output
+    assert "4/32" in res.output and "0.1250" in res.output  # the table's coverage column and accuracy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +267,19 @@ def test_sampling_is_seeded(tiny_model):
     b = generation.generate(model, tok, prompts, seed=3, **kw)
     c = generation.generate(model, tok, prompts, seed=4, **kw)
     assert a == b and a != c
+
+
+def test_evaluate_shows_progress_lines_off_a_terminal(tiny_model, tmp_path, caplog):
+    """Off a terminal (a log, a pipe) evaluate says how far generation is, as distill does for its steps."""
+    import logging
+
+    cfg = compose("evaluate", [f"model.name_or_path={tiny_model}", *SMALL_SYNTH, "dataset.max_length=512",
+                               "eval.limit=20", "eval.max_new_tokens=4", "eval.batch_size=5", "eval.perplexity=false"])
+    with caplog.at_level(logging.INFO, logger="rlkd.engine"):
+        evaluate_cmd.run(cfg, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.name == "rlkd.engine"]
+    assert [line.split(" |")[0] for line in lines] == [f"[evaluate model] {n}/20" for n in (5, 10, 15, 20)], lines
+    assert all("elapsed, ETA" in line for line in lines)
 
 
 def test_evaluate_model_end_to_end(tiny_model, tmp_path):

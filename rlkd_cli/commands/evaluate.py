@@ -7,7 +7,10 @@ Sources of outputs (exactly one):
   the split (batched, KV cache, greedy unless ``eval.do_sample``) and is scored on it;
 * ``predictions=FILE.jsonl``: lines ``{"id": ..., "prediction": "..."}`` (an optional ``model`` key
   groups lines into rows, so a ``predictions.jsonl`` written by this command can be re-scored),
-  scored against the references of the split without loading any model.
+  scored against the references of the split without loading any model. Every example in scope
+  (the split, or its first ``eval.limit``) counts: an example without a prediction scores as an
+  empty prediction (a wrong answer, ROUGE-L 0), so 4 right answers of 32 are accuracy 0.125 with
+  coverage 4/32, never 1.0; partial coverage is a warning and a column of the table.
 
 The metric comes from the dataset config (``dataset.metric``): ``accuracy`` (GSM8K, synthetic_math) and
 ``rougeL`` (Dolly, XSum) as :mod:`rlkd_cli.scoring` defines them, and
@@ -23,7 +26,8 @@ the model folder (rlkd checkpoints carry theirs), else the teacher's/embedded on
 (:func:`rlkd_cli.data.tokenizer.for_run`).
 
 Output (in the run dir): ``results.json`` (dataset, split, metric, and one row per model with
-``accuracy``/``rougeL``/``perplexity`` as they apply and the counts ``examples`` and ``scored``),
+``accuracy``/``rougeL``/``perplexity`` as they apply and the counts ``examples`` and ``scored``; a
+predictions file's rows also ``predicted``, ``missing`` and ``coverage`` = predicted / examples),
 ``predictions.jsonl`` (one line per example and model: ``id``, ``model``, ``prompt``,
 ``prediction``, ``reference`` and the example's score ``correct`` or ``rougeL``), and a rich table
 on the console.
@@ -217,21 +221,25 @@ def _evaluate_predictions_file(state: _Run, path: str) -> tuple[list[dict], list
                         f"split '{state.split}' ({len(all_examples)} examples): {shown}; {hint}")
     rows, lines = [], []
     for label, preds_by_id in groups.items():
-        scored_examples = [ex for ex in examples if ex["id"] in preds_by_id]
+        predicted = [ex for ex in examples if ex["id"] in preds_by_id]
         ignored = sum(1 for i in preds_by_id if i not in in_scope)
-        missing = len(examples) - len(scored_examples)
+        missing = len(examples) - len(predicted)
         if ignored:
             log.info("%s: %d prediction(s) beyond eval.limit=%s ignored", label, ignored, state.ev["limit"])
-        if missing:
-            log.warning("%s: %d of %d examples have no prediction; they are left out of the score", label,
-                        missing, len(examples))
-        require(len(scored_examples) > 0, f"'{path}' has no prediction for the first {len(examples)} examples "
+        require(len(predicted) > 0, f"'{path}' has no prediction for the first {len(examples)} examples "
                 f"of dataset '{state.dataset_name}' split '{state.split}'; check the ids or eval.limit")
-        preds = [preds_by_id[ex["id"]] for ex in scored_examples]
-        corpus, per = score_predictions(state.metric, preds, [ex["reference"] for ex in scored_examples])
+        if missing:
+            log.warning("%s: %d of %d examples have no prediction; each scores as a wrong answer (coverage %d/%d)",
+                        label, missing, len(examples), len(predicted), len(examples))
+        # every example of the split in scope counts: a missing prediction is an empty one, never left out
+        preds = [preds_by_id.get(ex["id"], "") for ex in examples]
+        corpus, per = score_predictions(state.metric, preds, [ex["reference"] for ex in examples])
         rows.append({"model": label, "role": "predictions", "path": str(path), state.metric: corpus[state.metric],
-                     "examples": len(scored_examples), "scored": corpus["scored"], "missing": missing})
-        lines.extend(_prediction_lines(label, scored_examples, preds, per))
+                     "examples": len(examples), "scored": corpus["scored"], "predicted": len(predicted),
+                     "missing": missing, "coverage": len(predicted) / len(examples)})
+        kept = [i for i, ex in enumerate(examples) if ex["id"] in preds_by_id]
+        lines.extend(_prediction_lines(label, [examples[i] for i in kept], [preds[i] for i in kept],
+                                       [per[i] for i in kept]))
     return rows, lines
 
 
@@ -286,6 +294,7 @@ def _evaluate_models(state: _Run, specs: list[dict[str, Any]]) -> tuple[list[dic
             row.update(examples=len(examples), scored=corpus["scored"], generation_time_s=round(gen_time, 3))
             lines.extend(_prediction_lines(spec["label"], examples, preds, per))
         if state.metric == "perplexity" or ev["perplexity"]:
+            log.info("%s: perplexity of the %s references", spec["label"], state.split)
             ppl = reference_perplexity(model, tokenizer, cfg.dataset, state.split, limit=ev["limit"],
                                        batch_size=ev["batch_size"])
             row.update(ppl)
@@ -300,25 +309,28 @@ def _evaluate_models(state: _Run, specs: list[dict[str, Any]]) -> tuple[list[dic
 
 
 class _progress:
-    """A rich progress bar over generated examples (a no-op when disabled); yields ``advance(n)``."""
+    """Progress over generated examples, as ``distill`` shows its steps (:class:`rlkd_cli.engine.progress.Progress`):
+    a bar on a terminal, a plain ``[evaluate MODEL] 16/32 | ... elapsed, ETA ...`` line every tenth elsewhere
+    (a SLURM log, a pipe); a no-op with ``trainer.progress=false``. Yields ``advance(n)``."""
 
     def __init__(self, enabled: bool, total: int, label: str):
         self.enabled, self.total, self.label = enabled, total, label
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rlkd_cli.engine.progress import Progress
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-        task = self.bar.add_task(f"generating ({Path(self.label).name or self.label})", total=self.total)
-        self.bar.start()
-        return lambda n: self.bar.update(task, advance=n)
+        self.bar = Progress(enabled=self.enabled, total=self.total, start=0,
+                            label=f"evaluate {Path(self.label).name or self.label}")
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            self.bar.count(done[0])
+
+        return advance
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()
+        self.bar.close()
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -330,6 +342,7 @@ def _fmt(value: Any, digits: int) -> str:
 def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from rlkd_cli.alignment import short_label
 
@@ -343,9 +356,16 @@ def _print_table(result: dict[str, Any]) -> None:
         table.add_column({"accuracy": "accuracy", "rougeL": "ROUGE-L", "perplexity": "ppl"}[c], justify="right")
     table.add_column("examples", justify="right")
     table.add_column("scored", justify="right")
+    partial = any(r.get("missing") for r in result["models"])
+    if partial:
+        table.add_column("coverage", justify="right")
     for r in result["models"]:
         cells = [_fmt(r.get(c), 4 if c == "accuracy" else 2 if c == "rougeL" else 3) for c in columns]
-        table.add_row(r["model"] if r.get("role") in ("teacher", "predictions") else short_label(str(r["model"])), *cells, str(r.get("examples", "-")), str(r.get("scored", "-")))
+        cells += [str(r.get("examples", "-")), str(r.get("scored", "-"))]
+        if partial:
+            cells.append(f"{r['predicted']}/{r['examples']}" if "predicted" in r else "-")
+        name = r["model"] if r.get("role") in ("teacher", "predictions") else short_label(str(r["model"]))
+        table.add_row(Text(name), *cells)
     console = Console()
     if not console.is_terminal:  # logs and pipes: no 80-column squeeze
         console = Console(width=200)

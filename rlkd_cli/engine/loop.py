@@ -5,7 +5,8 @@ step: the step (:func:`~rlkd_cli.engine.step.train_step`), log, validate, checkp
 command hands it a ready :class:`~rlkd_cli.runtime.Runtime`, tokenizer and teacher source (``None``
 for sft); the loop never trains anything else.
 
-Output (in the run dir): ``metrics.jsonl`` (one JSON object per log step and per validation),
+Output (in the run dir): ``metrics.jsonl`` (one JSON object per log step and per validation; with
+``trainer.eval_every > 0`` a validation at step 0 too, where the curves start),
 ``summary.json`` (final validation metrics as flat keys ``cr@1``, ``or@5``, ...),
 ``checkpoints/step-NNNNNN/`` and ``checkpoints/latest`` (:mod:`rlkd_cli.engine.checkpoint`).
 """
@@ -84,6 +85,10 @@ def train(cfg: DictConfig, run_dir: str | Path, *, runtime: Runtime, tokenizer, 
         window = _Window()
         runtime.new_memory_window()  # the memory figures are the training's (not set-up's, not a teacher's training)
         with _stop_signals(s.label) as stop, contextlib.closing(metrics), contextlib.closing(bar):
+            if state.step == 0 and int(tc.eval_every) > 0:  # where the curves start: the untrained student
+                val = validate(s.trainer, s.val_batches, s.ks)
+                metrics.write({"step": 0, "split": "validation", **val})
+                bar.update(0, val, validation=True)
             while state.step < int(tc.max_steps):
                 if state.step >= stop_at:  # time-sliced run: checkpoint and stop; trainer.resume=auto goes on
                     return finish(cfg, run_dir, s, state, status="stopped")
