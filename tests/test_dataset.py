@@ -196,7 +196,7 @@ def test_folder_without_train(tmp_path):
 # ------------------------------------------------------------------------------------------ errors
 
 def test_missing_column_names_it_the_columns_and_the_key(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1, "b": 2}])
+    path = write_jsonl(tmp_path / "x.jsonl", [{"a": "1", "b": "2"}])
     with pytest.raises(RlkdError) as e:
         D.load_examples(cfg("dolly", path=str(path)), "test")
     assert str(e.value) == (f"dolly: column 'instruction' not found in {path} (columns: a, b); "
@@ -204,6 +204,26 @@ def test_missing_column_names_it_the_columns_and_the_key(tmp_path):
     # Mapping the columns through `fields` fixes it.
     c = cfg("jsonl", path=str(path), fields={"prompt": "a", "response": "b"})
     assert D.load_examples(c, "test")[0] == {"id": "0", "prompt": "1", "response": " 2", "reference": "2"}
+
+
+@pytest.mark.parametrize("literal, shown", [("NaN", "NaN (a number)"), ("Infinity", "Infinity (a number)"),
+                                            ("-Infinity", "-Infinity (a number)"), ("12.5", "12.5 (a number)"),
+                                            ("true", "true (a boolean)")])
+def test_a_non_string_in_a_text_column_is_refused_with_its_line(tmp_path, literal, shown):
+    """JSON Lines' NaN / Infinity literals (Python's json reads them as floats) and other non-strings never become
+    training text ("nan"): one line naming file:line, the column and the fix."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "one"}, "",
+                                              f'{{"prompt": "b", "response": {literal}}}'])
+    with pytest.raises(RlkdError) as e:
+        D.load_examples(cfg("jsonl", path=str(path), validation_size=0), "test")
+    assert str(e.value) == (f"dataset 'jsonl': {path}:3 holds {shown} in column 'response', where rlkd reads text; "
+                            "write it as a JSON string (\"...\"), or map another column with "
+                            "dataset.fields.response=<column>")
+    # a carved split names the row's own line, not its index in the split
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)] + [{"prompt": float("nan"), "response": "x"}]
+    path = write_jsonl(tmp_path / "v.jsonl", rows)
+    with pytest.raises(RlkdError, match=r"v\.jsonl:7 holds NaN \(a number\) in column 'prompt'"):
+        D.load_examples(cfg("jsonl", path=str(path), validation_size=2), "validation")
 
 
 def test_empty_file(tmp_path):

@@ -107,6 +107,10 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     rows = [{"prompt": f"q{i}", "response": ["a", "list"] if i == 3 else f"a{i}"} for i in range(40)]
     out["list_response"] = root / "list-response.jsonl"
     out["list_response"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out["nan_response"] = root / "nan-response.jsonl"  # JSON Lines' NaN literal, which Python's json reads as a float
+    out["nan_response"].write_text("".join(('{"prompt": "q%d", "response": NaN}' if i == 3 else
+                                            json.dumps({"prompt": f"q{i}", "response": f"a{i}"})) + "\n"
+                                           for i in range(40)))
     rows = [{"prompt": f"q{i}", "response": "" if i % 2 else None} for i in range(40)]
     out["empty_responses"] = root / "empty-responses.jsonl"
     out["empty_responses"].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -279,6 +283,9 @@ CASES = [
     ("teacher-dtype", "distill", ["teacher.dtype=fp8"], "teacher.dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ("bool-value", "distill", ["trainer.gradient_checkpointing=maybe"],
      "trainer.gradient_checkpointing must be true or false, got 'maybe'"),
+    # data, teachers, teacher cache, generate (issues 18 and 23)
+    ("data-nan-text", "distill", ["dataset=jsonl", "dataset.path={nan_response}", "dataset.validation_size=5"],
+     "{nan_response}:4 holds NaN (a number) in column 'response', where rlkd reads text"),
 ]
 
 

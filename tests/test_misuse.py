@@ -110,7 +110,7 @@ def test_latest_naming_a_folder_outside_the_run_is_ignored(tmp_path):
 
 def test_rows_without_a_response_are_left_out_with_a_count(tmp_path, caplog):
     rows = [{"prompt": "a", "response": "one"}, {"prompt": "b"}, {"prompt": "c", "response": None},
-            {"prompt": "d", "response": "  "}, {"prompt": "e", "response": 5}]
+            {"prompt": "d", "response": "  "}, {"prompt": "e", "response": "5"}]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     cfg = {**D.DEFAULTS, "name": "jsonl", "path": str(path), "validation_size": 0}
     with caplog.at_level(logging.WARNING, logger="rlkd.data"):

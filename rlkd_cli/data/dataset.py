@@ -133,17 +133,17 @@ def _template_vars(template: str | None, name: str, key: str) -> list[str]:
     return out
 
 
-def _text(value: Any, *, column: str, row: int, name: str, source: str) -> str:
-    """A cell as text: strings as they are, numbers as written, null as empty; a list or dict is refused."""
+def _text(value: Any, *, column: str, var: str, where: str, name: str) -> str:
+    """A cell as text: strings as they are, null as empty; anything else is refused, never turned into text
+    (a JSON ``NaN`` would otherwise train as the word "nan", a number as its Python spelling)."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, dict)):
-        raise RlkdError(f"dataset '{name}': row {row} of {source} holds a {type(value).__name__} in column "
-                        f"'{column}', where rlkd reads text; flatten that column to a string, or map another column "
-                        f"with dataset.fields")
-    return str(value)
+    kind = {list: "a list", dict: "an object", bool: "a boolean"}.get(type(value), "a number")
+    shown = kind if isinstance(value, (list, dict)) else f"{json.dumps(value)[:40]} ({kind})"
+    raise RlkdError(f"dataset '{name}': {where} holds {shown} in column '{column}', where rlkd reads text; write it "
+                    f"as a JSON string (\"...\"), or map another column with dataset.fields.{var}=<column>")
 
 
 def _columns_of(cfg: dict, got: _Rows, all_vars: list[str]) -> None:
@@ -188,8 +188,8 @@ def _render(cfg: dict, got: _Rows) -> list[dict]:
     id_field, r_cols = cfg["id_field"], [str(fields.get(v, v)) for v in r_vars]
     examples, skipped = [], {"missing": 0, "null": 0, "empty": 0}
     for i, row in enumerate(got.rows):
-        values = {var: _text(row.get(str(fields.get(var, var))), column=str(fields.get(var, var)), row=i + 1,
-                             name=name, source=got.source) for var in all_vars}
+        values = {var: _text(row.get(str(fields.get(var, var))), column=str(fields.get(var, var)), var=var,
+                             where=got.where(i), name=name) for var in all_vars}
         why = _response_state(row, r_cols, values, r_vars) if r_vars else None
         if why is not None:
             skipped[why] += 1
@@ -223,7 +223,7 @@ def load_examples(cfg: Any, split: str, *, limit: int | None = None) -> list[dic
 def _examples(d: dict, split: str, limit: int | None) -> tuple[list[dict], _Rows]:
     got = sources.load(d, split)
     if limit is not None:
-        got.rows = got.rows[:limit]
+        got = got.take(0, limit)
     return _render(d, got), got
 
 

@@ -31,6 +31,16 @@ class _Rows:
     rows: list[dict]
     source: str  # for messages: a file path, a hub id or "the synthetic generator"
     num_malformed: int = 0
+    lines: list[str] | None = None  # for messages: each row's "file:line" (rows read from files)
+
+    def where(self, i: int) -> str:
+        """Where row ``i`` came from, for a message: ``file:line``, else ``row N of SOURCE``."""
+        return self.lines[i] if self.lines is not None else f"row {i + 1} of {self.source}"
+
+    def take(self, start: int, stop: int | None) -> "_Rows":
+        """Rows ``start:stop``, their locations alongside."""
+        lines = self.lines[start:stop] if self.lines is not None else None
+        return _Rows(self.rows[start:stop], self.source, self.num_malformed, lines)
 
 
 def _check_split(split: str) -> None:
@@ -87,6 +97,7 @@ def _read_file(path: Path, name: str, skip_malformed: bool) -> _Rows:
             require(rows, f"dataset '{name}': {path} is empty (no rows); check dataset.path")
             return _Rows(rows, str(path), bad)
     rows: list[dict] = []
+    lines: list[str] = []
     bad = 0
     for lineno, line in jsonl_lines(text):
         if not line.strip():
@@ -103,10 +114,11 @@ def _read_file(path: Path, name: str, skip_malformed: bool) -> _Rows:
             bad += 1
             continue
         rows.append(row)
+        lines.append(f"{path}:{lineno}")
     if bad:
         log.warning("dataset '%s': skipped %d malformed line(s) in %s", name, bad, path)
     require(rows, f"dataset '{name}': {path} has no valid rows ({bad} malformed); check dataset.path")
-    return _Rows(rows, str(path), bad)
+    return _Rows(rows, str(path), bad, lines)
 
 
 def _folder_files(folder: Path, split: str, cfg: dict) -> list[Path]:
@@ -149,9 +161,8 @@ def _carve(cfg: dict, split: str, available: set[str], read: Callable[[str], _Ro
             f"dataset '{name}': {where} has {len(rows)} train rows, too few to carve validation_size={n_val}"
             + (f" and test_size={n_test}" if n_test else "") + " rows; lower dataset.validation_size")
     end_train = len(rows) - n_val - n_test
-    parts = {"train": rows[:end_train], "validation": rows[end_train:end_train + n_val],
-             "test": rows[end_train + n_val:]}
-    return _Rows(parts[split], got.source, got.num_malformed)
+    parts = {"train": (0, end_train), "validation": (end_train, end_train + n_val), "test": (end_train + n_val, None)}
+    return got.take(*parts[split])
 
 
 def _read_single_file(cfg: dict, split: str, path: Path) -> _Rows:
@@ -164,8 +175,7 @@ def _read_single_file(cfg: dict, split: str, path: Path) -> _Rows:
             f"rows apart from train; lower dataset.validation_size")
     n_val = min(n_val, len(got.rows))
     cut = len(got.rows) - n_val
-    rows = got.rows[:cut] if split == "train" else got.rows[cut:]
-    return _Rows(rows, got.source, got.num_malformed)
+    return got.take(0, cut) if split == "train" else got.take(cut, None)
 
 
 def _read_folder(cfg: dict, split: str, folder: Path) -> _Rows:
@@ -175,8 +185,9 @@ def _read_folder(cfg: dict, split: str, folder: Path) -> _Rows:
 
     def read(s: str) -> _Rows:
         parts = [_read_file(p, cfg["name"], cfg["skip_malformed"]) for p in found[s]]
+        lines = [loc for part in parts for loc in (part.lines or [part.source] * len(part.rows))]
         return _Rows([r for part in parts for r in part.rows], ", ".join(p.source for p in parts),
-                     sum(p.num_malformed for p in parts))
+                     sum(p.num_malformed for p in parts), lines)
 
     return _carve(cfg, split, available, read, f"{folder} (data files: {listing})")
 
@@ -247,7 +258,7 @@ def load(cfg: dict, split: str) -> _Rows:
         hub_config = cfg["hub_config"] if where == cfg["hub_id"] else None
         got = _read_hub(cfg, split, where, hub_config)
     if cfg["limit"] is not None:
-        got.rows = got.rows[: cfg["limit"]]
+        got = got.take(0, cfg["limit"])
     return got
 
 
