@@ -314,7 +314,7 @@ def test_labels_mask_exactly_the_prompt(tok):
     split = D.build_split(c, tok, "train")
     examples = D.load_examples(c, "train")
     assert split.stats["num_examples"] == 30 and split.stats["num_truncated"] == 0
-    assert set(split.dataset.column_names) == {"input_ids", "labels"}
+    assert set(split.dataset.column_names) == {"input_ids", "labels", "prompt_ids"}  # (prompt_ids: for rollouts)
     _check_masking(split, examples, tok, c["max_length"])
     assert split.stats["num_tokens"] == sum(len(r) for r in split.dataset["input_ids"])
     assert split.stats["num_response_tokens"] == sum(
@@ -359,6 +359,26 @@ def test_truncation_cuts_the_prompt_from_the_left_then_the_response(tmp_path, to
     assert expected_trunc == 2
     assert split.stats["num_truncated"] == 2 and split.stats["num_dropped"] == 0
     assert split.stats["num_examples"] == 3
+
+
+def test_a_response_generation_cut_off_is_trained_without_an_eos(tmp_path, tok):
+    """rlkd generate marks a response that hit max_new_tokens with ended_with_eos: false; dataset=jsonl must not
+    teach the model to stop there (rows that ended at eos, or without the column, keep their eos)."""
+    rows = [{"prompt": "Q: a", "response": "cut here", "ended_with_eos": False},
+            {"prompt": "Q: b", "response": "ended", "ended_with_eos": True},
+            {"prompt": "Q: c", "response": "plain data"}]
+    path = write_jsonl(tmp_path / "gen.jsonl", rows)
+    split = D.build_split(cfg("jsonl", path=str(path), validation_size=0), tok, "test")
+    eos = tok.eos_token_id
+    labels = [[t for t in row["labels"] if t != -100] for row in split.dataset]
+    assert labels[0] == tok(" cut here", add_special_tokens=False)["input_ids"]
+    assert labels[1] == tok(" ended", add_special_tokens=False)["input_ids"] + [eos]
+    assert labels[2][-1] == eos
+    # the flag is part of the fingerprint: the same texts with an eos are another tokenized split
+    rows[0]["ended_with_eos"] = True
+    again = D.build_split(cfg("jsonl", path=str(write_jsonl(tmp_path / "gen.jsonl", rows)), validation_size=0), tok,
+                          "test")
+    assert again.fingerprint != split.fingerprint and again.dataset[0]["labels"][-1] == eos
 
 
 def test_tokenize_example_edge_cases():

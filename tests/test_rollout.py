@@ -34,11 +34,11 @@ class FixedGenerator:
         return self.outs
 
 
-def _rollouts(rc=RC, generator=None, model=None):
+def _rollouts(rc=RC, generator=None, model=None, prompts=None):
     tok = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     model = model or SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
     src = rollout.Rollouts(dict(rc), base=None, model=model, runtime=Runtime.create({"device": "cpu"}),
-                           tokenizer=tok, seed=0, max_length=20)
+                           tokenizer=tok, seed=0, max_length=20, prompts=prompts)
     if generator is not None:
         src.generator = generator
     return src
@@ -66,6 +66,35 @@ def test_generated_batch_masks_prompt_pad_and_eos_exactly():
     stats = src.stats(1.0)
     assert stats["rollout/generated_tokens"] == 8 and stats["rollout/eos_share"] == 0.5
     assert stats["rollout/mean_length"] == 4.0
+
+
+def test_rollout_prompts_are_cut_only_for_the_generated_length(tmp_path):
+    """A long reference response made training cut the prompt to its last token; generation, which never uses
+    that response, gets the whole prompt, cut from the left only to max_length - max_new_tokens (20 - 6)."""
+    import datasets
+
+    from rlkd_cli.data import dataset as D
+    from rlkd_cli.data.tokenizer import embedded_tokenizer
+
+    long_prompt = list(range(100, 116))  # 16 tokens
+    prompts = datasets.Dataset.from_dict({"prompt_ids": [[1, 2, 3], long_prompt]})
+    batch = Collator(PAD)([{"input_ids": [1, 2, 3, 11], "labels": [-100, -100, -100, 11], "example_id": 0},
+                           {"input_ids": [115] + [12] * 19, "labels": [-100] + [12] * 19, "example_id": 1}])
+    gen = FixedGenerator([([21, EOS], True), ([31, EOS], True)])
+    src = _rollouts(generator=gen, prompts=prompts)
+    out = src._generate(batch)
+    assert gen.prompts == [[[1, 2, 3], long_prompt[-14:]]]
+    assert out["input_ids"][1].tolist()[:16] == long_prompt[-14:] + [31, EOS]
+    # the tokenized split keeps each example's whole prompt (up to max_length - 1) beside its cut training row
+    tok = embedded_tokenizer(tmp_path / "cache", vocab_size=512, num_rows=1500)
+    rows = [{"prompt": "one two three four five six seven eight", "response": " nine" * 40}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = D.build_split({**D.DEFAULTS, "name": "jsonl", "path": str(path), "validation_size": 0,
+                           "max_length": 30}, tok, "test")
+    whole = tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    row = split.dataset[0]
+    assert row["prompt_ids"] == whole and row["labels"].count(-100) == 1  # training kept one prompt token
 
 
 def test_hf_generator_stops_each_row_at_eos_and_restores_train_mode():

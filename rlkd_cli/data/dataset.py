@@ -65,7 +65,10 @@ KINDS = ("synthetic_math", "prompt_response", "text")
 METRICS = ("accuracy", "rougeL", "perplexity")
 IGNORE_INDEX = -100
 #: Bumped whenever tokenization changes what it produces (part of the on-disk cache's fingerprint).
-TOKENIZATION_VERSION = 2
+TOKENIZATION_VERSION = 3
+#: The column in which ``rlkd generate`` marks a response cut off at ``max_new_tokens`` (``false``): such a
+#: response is trained without an eos, so the model does not learn to stop where the text was cut.
+ENDED_COLUMN = "ended_with_eos"
 
 
 # Every key a dataset config may have, with the value used when a config leaves it out
@@ -199,6 +202,8 @@ def _render(cfg: dict, got: _Rows) -> list[dict]:
         response = response_t.format_map(values)
         ex_id = str(row[id_field]) if id_field and row.get(id_field) is not None else str(i)
         examples.append({"id": ex_id, "prompt": prompt, "response": response, "reference": response.strip()})
+        if row.get(ENDED_COLUMN) is False:  # cut off by generation: no eos after it
+            examples[-1]["eos"] = False
     if not examples:
         raise RlkdError(f"dataset '{name}': every one of the {len(got.rows)} rows of {got.source} has a missing, null "
                         f"or empty response (column {', '.join(repr(c) for c in r_cols)}); point dataset.fields."
@@ -213,7 +218,9 @@ def load_examples(cfg: Any, split: str, *, limit: int | None = None) -> list[dic
     """Rows of ``split`` rendered to ``{"id", "prompt", "response", "reference"}``.
 
     ``response`` is the training target exactly as ``response_template`` renders it (with its
-    leading space); ``reference`` is the same text stripped, the gold target for metrics. For
+    leading space); ``reference`` is the same text stripped, the gold target for metrics. A row
+    whose ``ended_with_eos`` column is ``false`` (``rlkd generate``'s mark of a response cut off at
+    ``max_new_tokens``) also has ``"eos": False``: it is trained without an eos. For
     ``text`` data sets the prompt is ``""``. ``id`` is the ``id_field`` column when the row has
     it, else the row's index in the split.
     """
@@ -234,7 +241,8 @@ def _examples(d: dict, split: str, limit: int | None) -> tuple[list[dict], _Rows
 
 @dataclass
 class TokenizedSplit:
-    """A tokenized split: ``dataset`` (a ``datasets.Dataset``) has int-list columns ``input_ids`` and ``labels``.
+    """A tokenized split: ``dataset`` (a ``datasets.Dataset``) has int-list columns ``input_ids`` and ``labels``
+    (and, for prompt/response data, ``prompt_ids``: the untruncated prompt that rollouts generate from).
 
     ``stats``: num_rows (rendered rows), num_examples (kept sequences), num_truncated,
     num_dropped, num_tokens, num_response_tokens (labels != -100), num_malformed (skipped lines),
@@ -271,23 +279,24 @@ def _tail(ids: list[int], keep: int) -> list[int]:
 
 
 def tokenize_example(prefix: list[int], prompt_ids: list[int], response_ids: list[int], eos: int,
-                     max_length: int) -> tuple[list[int], list[int], bool] | None:
+                     max_length: int, *, add_eos: bool = True) -> tuple[list[int], list[int], bool] | None:
     """One training sequence ``(input_ids, labels, truncated)``, or ``None`` if nothing is left to train.
 
     Untruncated: ``prefix + prompt + response + [eos]``, labels ``-100`` on ``prefix + prompt``.
     Too long: the prompt is cut from the left so that the whole ``response + [eos]`` fits, keeping
     at least ``prefix`` and the last prompt token (so the first response token has a context);
     if even that does not fit, the response's end is cut and no eos is appended (the model must not
-    learn to stop where the text was cut).
+    learn to stop where the text was cut). ``add_eos=False`` (a response that was itself cut off)
+    never appends the eos.
     """
-    prompt = prefix + prompt_ids
-    if len(prompt) + len(response_ids) + 1 <= max_length:
-        return prompt + response_ids + [eos], [IGNORE_INDEX] * len(prompt) + response_ids + [eos], False
+    prompt, end = prefix + prompt_ids, [eos] if add_eos else []
+    if len(prompt) + len(response_ids) + len(end) <= max_length:
+        return prompt + response_ids + end, [IGNORE_INDEX] * len(prompt) + response_ids + end, False
     min_prompt = min(len(prompt), len(prefix) + 1)
-    if min_prompt + len(response_ids) + 1 <= max_length:
-        keep = max_length - len(response_ids) - 1
+    if min_prompt + len(response_ids) + len(end) <= max_length:
+        keep = max_length - len(response_ids) - len(end)
         cut = prefix + _tail(prompt_ids, keep - len(prefix))
-        return cut + response_ids + [eos], [IGNORE_INDEX] * len(cut) + response_ids + [eos], True
+        return cut + response_ids + end, [IGNORE_INDEX] * len(cut) + response_ids + end, True
     cut = prefix[:min_prompt] + _tail(prompt_ids, min_prompt - len(prefix))
     room = max_length - len(cut)
     if room <= 0:
@@ -295,6 +304,10 @@ def tokenize_example(prefix: list[int], prompt_ids: list[int], response_ids: lis
     resp = response_ids[:room]
     return cut + resp, [IGNORE_INDEX] * len(cut) + resp, True
 
+
+def generation_prompt(prefix: list[int], prompt_ids: list[int], max_length: int) -> list[int]:
+    """The prompt as generation sees it: ``prefix + prompt``, cut from the left (prefix kept) to ``max_length``."""
+    return prefix + _tail(prompt_ids, max(max_length - len(prefix), 1))
 
 
 def _empty_error(d: dict, split: str, why: str) -> RlkdError:
@@ -315,6 +328,8 @@ def _fingerprint(d: dict, split: str, examples: list[dict], tokenizer, limit: in
             b = text.encode("utf-8", "surrogatepass")
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
+        if ex.get("eos") is False:
+            h.update(b"\x00no-eos")
     return h.hexdigest()[:20]
 
 
@@ -330,7 +345,9 @@ def _map(ds, fn, fingerprint: str, cache: Path | None, **kwargs):
 
 
 def _tokenize_pairs(d: dict, split: str, examples: list[dict], tokenizer, fp: str, cache: Path | None):
-    """Prompt/response examples -> one training sequence each (:func:`tokenize_example`)."""
+    """Prompt/response examples -> one training sequence each (:func:`tokenize_example`), plus ``prompt_ids``:
+    the whole prompt (cut only to ``max_length - 1``), which on-policy rollouts generate from, since the
+    training sequence's prompt may have been cut to make room for a reference response they do not use."""
     import datasets
 
     eos, prefix, max_length = _eos_id(tokenizer), _bos_prefix(tokenizer), d["max_length"]
@@ -338,18 +355,20 @@ def _tokenize_pairs(d: dict, split: str, examples: list[dict], tokenizer, fp: st
     def encode(batch: dict) -> dict:
         prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
         responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
-        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
-        for p_ids, r_ids in zip(prompts, responses):
-            seq = tokenize_example(prefix, p_ids, r_ids, eos, max_length)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "prompt_ids": []}
+        for p_ids, r_ids, add_eos in zip(prompts, responses, batch["eos"]):
+            seq = tokenize_example(prefix, p_ids, r_ids, eos, max_length, add_eos=add_eos)
             if seq is not None:
                 out["input_ids"].append(seq[0])
                 out["labels"].append(seq[1])
                 out["truncated"].append(seq[2])
+                out["prompt_ids"].append(generation_prompt(prefix, p_ids, max_length - 1))
         return out
 
     raw = datasets.Dataset.from_dict({"prompt": [e["prompt"] for e in examples],
-                                      "response": [e["response"] for e in examples]})
-    ds = _map(raw, encode, fp, cache, remove_columns=["prompt", "response"], batch_size=1000)
+                                      "response": [e["response"] for e in examples],
+                                      "eos": [e.get("eos", True) for e in examples]})
+    ds = _map(raw, encode, fp, cache, remove_columns=["prompt", "response", "eos"], batch_size=1000)
     n = len(ds)
     if n == 0:
         raise _empty_error(d, split, f"all {len(examples)} examples were dropped (max_length={max_length} "
@@ -460,5 +479,5 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-__all__ = ["DEFAULTS", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
-           "dataset_cfg", "load_examples", "load_rows", "metric_name", "tokenize_example"]
+__all__ = ["DEFAULTS", "ENDED_COLUMN", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
+           "dataset_cfg", "generation_prompt", "load_examples", "load_rows", "metric_name", "tokenize_example"]
