@@ -72,6 +72,7 @@ class TeacherConfig:
     dtype: str = _f("auto", choices=("auto", "fp32", "bf16", "fp16"))
     device: Optional[str] = None
     train_if_missing: Optional[Dict[str, Any]] = None
+    allow_tiny_on_real_data: bool = False  # train the tiny (arch) teacher on a data set other than the embedded one
 
 
 @dataclass

@@ -286,6 +286,9 @@ CASES = [
     # data, teachers, teacher cache, generate (issues 18 and 23)
     ("data-nan-text", "distill", ["dataset=jsonl", "dataset.path={nan_response}", "dataset.validation_size=5"],
      "{nan_response}:4 holds NaN (a number) in column 'response', where rlkd reads text"),
+    ("tiny-teacher-on-real-data", "distill", ["dataset=gsm8k", "dataset.path={columns}", "dataset.validation_size=5",
+                                              "teacher.allow_tiny_on_real_data=false"],
+     "dataset 'gsm8k' needs a teacher: without teacher.name_or_path the embedded tiny teacher"),
 ]
 
 

@@ -6,10 +6,11 @@ does), ``model=student``, ``model.name_or_path=PATH`` (any model folder or hub i
 keeps the first N).
 
 Output (in the run dir): ``generations.jsonl`` (``generations/<folder name>.jsonl`` per checkpoint),
-one line per prompt ``{"id", "prompt", "response", "reference", "model", "ended_with_eos",
+one line per prompt ``{"id", "prompt", "response", "reference", "model", "role", "ended_with_eos",
 "generated_tokens"}`` in the split's order, written a batch at a time; ``generations.json`` (what
 was generated with what); ``summary.json``. ``rlkd distill dataset=jsonl dataset.path=<file>`` then
-trains on the generated responses (offline sequence-level KD when the teacher wrote them).
+trains on the generated responses (offline sequence-level KD when the teacher wrote them: with no
+``teacher.name_or_path`` the model that wrote the file is the teacher, never a new tiny one).
 
 Resumable: ``resume=true`` in the same run dir continues each file after its last complete line,
 if it was written with the same model, data and generation settings (else one line saying what
@@ -125,7 +126,8 @@ def _generate_one(spec: dict[str, Any], cfg: DictConfig, runtime: Runtime, run_d
                                      sampling=sampling, seed=int(gc.seed) + start, max_prompt_tokens=max_prompt)
             for ex, (text, ended, n) in zip(part, rows):
                 f.write(dumps({"id": ex["id"], "prompt": ex["prompt"], "response": text, "reference": ex["reference"],
-                               "model": spec["label"], "ended_with_eos": ended, "generated_tokens": n},
+                               "model": spec["label"], "role": spec["role"], "ended_with_eos": ended,
+                               "generated_tokens": n},
                               ensure_ascii=False) + "\n")
                 stats.update(written=stats["written"] + 1, eos=stats["eos"] + int(ended), tokens=stats["tokens"] + n)
             f.flush()

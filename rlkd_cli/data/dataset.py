@@ -108,6 +108,30 @@ def check_found(cfg: Any) -> None:
     sources.locate(dataset_cfg(cfg))
 
 
+def is_embedded(cfg: Any) -> bool:
+    """Whether the data set is the embedded default (the synthetic generator, no ``dataset.path``)."""
+    d = dataset_cfg(cfg)
+    return d["kind"] == "synthetic_math" and (d["path"] is None or str(d["path"]).strip() == "")
+
+
+#: The columns by which an ``rlkd generate`` file says which model wrote each row.
+GENERATED_COLUMNS = ("model", ENDED_COLUMN, "generated_tokens")
+
+
+def generated_by(cfg: Any) -> str | None:
+    """The model that wrote the data set's train rows when they are one teacher's ``rlkd generate`` output
+    (every row names the same ``model``, with ``role`` teacher or unrecorded), else ``None``."""
+    d = dataset_cfg(cfg)
+    if sources.locate(d)[0] not in ("file", "folder"):
+        return None
+    rows = sources.load(d, "train").rows
+    if not rows or not all(all(c in r for c in GENERATED_COLUMNS) for r in rows):
+        return None
+    writers = {str(r["model"]) for r in rows}
+    roles = {r.get("role") for r in rows}
+    return writers.pop() if len(writers) == 1 and roles <= {None, "teacher"} else None
+
+
 def load_rows(cfg: Any, split: str) -> list[dict]:
     """The raw rows (dicts, as in the source) of ``split`` in {"train", "validation", "test"}."""
     return sources.load(dataset_cfg(cfg), split).rows
@@ -317,7 +341,7 @@ def _empty_error(d: dict, split: str, why: str) -> RlkdError:
 
 def _fingerprint(d: dict, split: str, examples: list[dict], tokenizer, limit: int | None) -> str:
     """A hash of everything the tokenized split depends on."""
-    from rlkd_cli.data.tokenizer import fingerprint as tokenizer_fingerprint
+    from rlkd_cli.data.identity import fingerprint as tokenizer_fingerprint
 
     h = hashlib.sha256()
     h.update(json.dumps({"version": TOKENIZATION_VERSION, "kind": d["kind"], "max_length": d["max_length"],
@@ -480,4 +504,4 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict:
 
 
 __all__ = ["DEFAULTS", "ENDED_COLUMN", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
-           "dataset_cfg", "generation_prompt", "load_examples", "load_rows", "metric_name", "tokenize_example"]
+           "dataset_cfg", "generated_by", "generation_prompt", "is_embedded", "load_examples", "load_rows", "metric_name", "tokenize_example"]
