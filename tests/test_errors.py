@@ -99,9 +99,19 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     shutil.copytree(out["small_cache"], out["incomplete_cache"])
     meta = json.loads((out["incomplete_cache"] / "cache.json").read_text())
     meta["status"] = "incomplete"
-    meta["splits"]["train"]["shards_done"] = [0]
+    meta["splits"]["train"]["shards_done"] = []  # killed in its first split: only the shards on disk tell
     meta["splits"]["validation"]["shards_done"] = []
     (out["incomplete_cache"] / "cache.json").write_text(json.dumps(meta))
+    for shard in ("train/shard-000001", "train/shard-000002", "validation/shard-000000"):
+        (out["incomplete_cache"] / f"{shard}.safetensors").unlink()
+
+    # a cache folder with one shard of another teacher (its identity in the shard's metadata differs)
+    from safetensors.torch import load_file, save_file
+
+    out["mixed_cache"] = root / "mixed-cache"
+    shutil.copytree(out["small_cache"], out["mixed_cache"])
+    shard = out["mixed_cache"] / "train" / "shard-000001.safetensors"
+    save_file(load_file(str(shard)), str(shard), metadata={"identity": "another-teachers"})
 
     # data files whose responses are all empty or null, or hold a list
     rows = [{"prompt": f"q{i}", "response": ["a", "list"] if i == 3 else f"a{i}"} for i in range(40)]
@@ -289,6 +299,8 @@ CASES = [
     ("tiny-teacher-on-real-data", "distill", ["dataset=gsm8k", "dataset.path={columns}", "dataset.validation_size=5",
                                               "teacher.allow_tiny_on_real_data=false"],
      "dataset 'gsm8k' needs a teacher: without teacher.name_or_path the embedded tiny teacher"),
+    ("cache-mixed-shards", "distill", ["teacher.cache={mixed_cache}", "loss=kl", "metrics.ks=[1,2,3]"],
+     "shard-000001.safetensors was written by another teacher, tokenizer, data set or cache settings"),
 ]
 
 
