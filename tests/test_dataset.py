@@ -199,8 +199,9 @@ def test_missing_column_names_it_the_columns_and_the_key(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"a": "1", "b": "2"}])
     with pytest.raises(RlkdError) as e:
         D.load_examples(cfg("dolly", path=str(path)), "test")
-    assert str(e.value) == (f"dolly: column 'instruction' not found in {path} (columns: a, b); "
-                            f"set dataset.fields.instruction=<column>")
+    assert str(e.value) == (f"dolly: columns 'instruction', 'context', 'response' not found in {path} (columns: a, b); "
+                            f"set dataset.fields.instruction=<column> dataset.fields.context=<column> "
+                            f"dataset.fields.response=<column>")
     # Mapping the columns through `fields` fixes it.
     c = cfg("jsonl", path=str(path), fields={"prompt": "a", "response": "b"})
     assert D.load_examples(c, "test")[0] == {"id": "0", "prompt": "1", "response": " 2", "reference": "2"}
@@ -224,6 +225,20 @@ def test_a_non_string_in_a_text_column_is_refused_with_its_line(tmp_path, litera
     path = write_jsonl(tmp_path / "v.jsonl", rows)
     with pytest.raises(RlkdError, match=r"v\.jsonl:7 holds NaN \(a number\) in column 'prompt'"):
         D.load_examples(cfg("jsonl", path=str(path), validation_size=2), "validation")
+
+
+def test_every_missing_column_is_named_in_one_line_before_any_row_count(tmp_path):
+    """Both missing columns at once, and before the 3-row file is found too short for validation_size=100."""
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    with pytest.raises(RlkdError) as e:
+        D.load_examples(cfg("jsonl", path=str(path)), "train")
+    assert str(e.value) == (f"jsonl: columns 'prompt', 'response' not found in {path} (columns: question, answer); "
+                            "set dataset.fields.prompt=<column> dataset.fields.response=<column>")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    with pytest.raises(RlkdError, match=r"columns 'prompt', 'response' not found in .*train\.jsonl"):
+        D.check(cfg("jsonl", path=str(folder)))
 
 
 def test_empty_file(tmp_path):

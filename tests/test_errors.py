@@ -215,7 +215,8 @@ CASES = [
     # data
     ("data-empty", "distill", ["dataset=jsonl", "dataset.path={empty}"], "is empty (no rows)"),
     ("data-malformed", "distill", ["dataset=jsonl", "dataset.path={malformed}"], "malformed JSON line"),
-    ("data-missing-column", "distill", ["dataset=jsonl", "dataset.path={columns}", "dataset.validation_size=5"], "column 'prompt' not found"),
+    ("data-missing-column", "distill", ["dataset=jsonl", "dataset.path={columns}"],
+     "columns 'prompt', 'response' not found"),
     ("data-missing-file", "distill", ["dataset=jsonl", "dataset.path=/nonexistent/data.jsonl"],
      "no such file or folder '/nonexistent/data.jsonl'"),
     ("data-no-path", "distill", ["dataset=jsonl"], "dataset=jsonl needs dataset.path"),
@@ -406,3 +407,37 @@ def test_a_missing_data_set_is_refused_before_a_teacher_trains_on_it(tmp_path, m
     res = run_cli(["distill", *QUICK_NO_DATA, "dataset=jsonl", "dataset.path=/nonexistent/data.jsonl",
                    f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"])  # no cached teacher
     assert res.exit_code == 2 and "no such file or folder '/nonexistent/data.jsonl'" in res.output, res.output
+
+
+@pytest.mark.parametrize("data", ["empty", "columns"])
+def test_bad_data_is_refused_before_any_tokenizer_teacher_or_model_work(data, files, tmp_path, monkeypatch):
+    """An empty file, or one without the columns, is one line before the run builds a tokenizer, trains a
+    tiny teacher (no cached one here) or loads a model, and before any "training it now" warning."""
+    from rlkd_cli import models
+    from rlkd_cli.data import tokenizer as tok_mod
+    from rlkd_cli.teachers import tiny
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("tokenizer, teacher or model work before the data set was checked")
+
+    for module, name in ((tiny, "train"), (tok_mod, "for_run"), (models, "load_pretrained"), (models, "load_model")):
+        monkeypatch.setattr(module, name, too_early)
+    res = run_cli(["distill", *QUICK, "dataset=jsonl", f"dataset.path={files[data]}", f"cache_dir={tmp_path}/cache",
+                   f"hydra.run.dir={tmp_path}/run"])
+    assert res.exit_code == 2, res.output
+    assert [line for line in res.output.splitlines() if line.strip()] == \
+        [next(line for line in res.output.splitlines() if line.startswith("error:"))], res.output
+    assert ("is empty (no rows)" if data == "empty" else "columns 'prompt', 'response' not found") in res.output
+
+
+def test_an_unreachable_hub_is_one_line_without_retry_warnings(tmp_path):
+    """Not offline, but the hub cannot be reached: no "Retrying in 1s [Retry 1/5]" lines on either stream, at once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # a port nobody listens on
+    res = subprocess.run([sys.executable, "-m", "rlkd_cli", "distill", *QUICK, "dataset=gsm8k",
+                          f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stdout.strip() == "" and "Retry" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("error: cannot load dataset 'openai/gsm8k' from the hub (offline or unreachable")

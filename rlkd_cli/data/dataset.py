@@ -174,16 +174,35 @@ def _text(value: Any, *, column: str, var: str, where: str, name: str) -> str:
 
 
 def _columns_of(cfg: dict, got: _Rows, all_vars: list[str]) -> None:
-    """Every template variable's column exists in the source (one line listing the columns otherwise)."""
+    """Every template variable's column exists in the source: one line naming all the missing ones otherwise."""
+    if not got.rows:
+        return  # nothing to check the columns against (an empty carved split, or limit=0)
     columns: dict[str, None] = {}
     for row in got.rows:
         for k in row:
             columns.setdefault(k, None)
-    for var in all_vars:
-        col = str(cfg["fields"].get(var, var))
-        if col not in columns:
-            raise RlkdError(f"{cfg['name']}: column '{col}' not found in {got.source} (columns: {', '.join(columns)}); "
-                            f"set dataset.fields.{var}=<column>")
+    missing = {var: str(cfg["fields"].get(var, var)) for var in all_vars}
+    missing = {var: col for var, col in missing.items() if col not in columns}
+    if not missing:
+        return
+    names = ", ".join(f"'{c}'" for c in missing.values())
+    fix = " ".join(f"dataset.fields.{var}=<column>" for var in missing)
+    raise RlkdError(f"{cfg['name']}: column{'s' if len(missing) > 1 else ''} {names} not found in {got.source} "
+                    f"(columns: {', '.join(columns)}); set {fix}")
+
+
+def _template_set(cfg: dict) -> tuple[str, str | None, str, list[str], list[str]]:
+    """``(prompt template, no-input template, response template, the variables only the prompt template uses
+    (optional inputs), every variable)`` of the data set's templates."""
+    name, text_kind = cfg["name"], cfg["kind"] == "text"
+    response_t = cfg["response_template"] or ("{text}" if text_kind else " {response}")
+    prompt_t = "" if text_kind else (cfg["prompt_template"] or "")
+    no_input_t = None if text_kind else cfg["prompt_template_no_input"]
+    p_vars = _template_vars(prompt_t, name, "prompt_template")
+    n_vars = _template_vars(no_input_t, name, "prompt_template_no_input")
+    r_vars = _template_vars(response_t, name, "response_template")
+    optional = [v for v in p_vars if v not in n_vars] if no_input_t else []
+    return prompt_t, no_input_t, response_t, optional, list(dict.fromkeys(p_vars + n_vars + r_vars))
 
 
 def _response_state(row: dict, cols: list[str], values: dict[str, str], r_vars: list[str]) -> str | None:
@@ -200,15 +219,8 @@ def _response_state(row: dict, cols: list[str], values: dict[str, str], r_vars: 
 def _render(cfg: dict, got: _Rows) -> list[dict]:
     """Rows -> ``{"id", "prompt", "response", "reference"}``; rows without a response are left out, with a count."""
     name, fields = cfg["name"], cfg["fields"]
-    text_kind = cfg["kind"] == "text"
-    response_t = cfg["response_template"] or ("{text}" if text_kind else " {response}")
-    prompt_t = "" if text_kind else (cfg["prompt_template"] or "")
-    no_input_t = None if text_kind else cfg["prompt_template_no_input"]
-    p_vars = _template_vars(prompt_t, name, "prompt_template")
-    n_vars = _template_vars(no_input_t, name, "prompt_template_no_input")
+    prompt_t, no_input_t, response_t, optional, all_vars = _template_set(cfg)
     r_vars = _template_vars(response_t, name, "response_template")
-    optional = [v for v in p_vars if v not in n_vars] if no_input_t else []
-    all_vars = list(dict.fromkeys(p_vars + n_vars + r_vars))
     if not got.rows:
         return []  # nothing to check the columns against (an empty carved split, or limit=0)
     _columns_of(cfg, got, all_vars)
@@ -251,8 +263,23 @@ def load_examples(cfg: Any, split: str, *, limit: int | None = None) -> list[dic
     return _examples(dataset_cfg(cfg), split, limit)[0]
 
 
+def check(cfg: Any) -> None:
+    """The data set as training will read it: found, its columns there, its train and validation rows
+    rendered (every refusal of bad rows); one line before any tokenizer, teacher or model work."""
+    d = dataset_cfg(cfg)
+    level = log.level
+    log.setLevel(logging.ERROR)  # (its warnings, e.g. rows left out, come once, when the splits are built)
+    try:
+        for split in ("train", "validation"):
+            if not _examples(d, split, None)[0] and split == "train":
+                raise _empty_error(d, split, "it has no rows")
+    finally:
+        log.setLevel(level)
+
+
 def _examples(d: dict, split: str, limit: int | None) -> tuple[list[dict], _Rows]:
-    got = sources.load(d, split)
+    all_vars = _template_set(d)[4]
+    got = sources.load(d, split, check=lambda raw: _columns_of(d, raw, all_vars))
     if limit is not None:
         got = got.take(0, limit)
     return _render(d, got), got
@@ -503,5 +530,5 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-__all__ = ["DEFAULTS", "ENDED_COLUMN", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
+__all__ = ["DEFAULTS", "ENDED_COLUMN", "check", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
            "dataset_cfg", "generated_by", "generation_prompt", "is_embedded", "load_examples", "load_rows", "metric_name", "tokenize_example"]

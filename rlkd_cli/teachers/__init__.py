@@ -25,7 +25,8 @@ log = logging.getLogger("rlkd.teachers")
 
 
 def prepare(cfg: DictConfig) -> None:
-    """Settle which teacher the run uses, before any tokenizer or model is loaded.
+    """Check the data set (:func:`rlkd_cli.data.dataset.check`) and settle which teacher the run uses,
+    before any tokenizer or model is loaded.
 
     With no ``teacher.name_or_path`` (nor ``teacher.cache``), a data set that ``rlkd generate`` wrote
     with one teacher names that teacher (offline SeqKD): it becomes ``teacher.name_or_path``, so the
@@ -37,6 +38,7 @@ def prepare(cfg: DictConfig) -> None:
     from rlkd_cli.data.tokenizer import _looks_like_path
     from rlkd_cli.teachers import tiny
 
+    dataset.check(cfg)  # the data set's problems first, before any tokenizer, teacher or model work
     tc = cfg.teacher
     if tc.get("name_or_path") or tc.get("cache") or not tc.get("arch"):
         return

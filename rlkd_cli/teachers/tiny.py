@@ -121,7 +121,7 @@ def ensure_trained(cfg: DictConfig, tokenizer, runtime) -> Path:
         for leftover in path.parent.glob(f".tmp-{path.name}-*"):
             log.warning("Removing %s, left by an interrupted teacher training", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
-        dataset.check_found(cfg)  # a missing data set is one line now, not after "training it now"
+        dataset.check(cfg)  # a missing, empty or malformed data set is one line now, not after "training it now"
         log.warning("The teacher checkpoint %s is missing: training it now with the sft engine "
                     "(first use only; later runs and sweep jobs reuse it).", path)
         with atomic_dir(path) as tmp:
