@@ -295,7 +295,8 @@ class GenerateConfig(CommonConfig):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelChoice = field(default_factory=ModelChoice)
     checkpoints: List[str] = _f([])
-    split: str = _f("train", choices=("train", "validation", "test"))
+    split: str = _f("test", choices=("train", "validation", "test"))
+    limit: Optional[int] = _f(256, ge=1)
     resume: bool = False
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

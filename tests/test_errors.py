@@ -300,6 +300,7 @@ CASES = [
     ("tiny-teacher-on-real-data", "distill", ["dataset=gsm8k", "dataset.path={columns}", "dataset.validation_size=5",
                                               "teacher.allow_tiny_on_real_data=false"],
      "dataset 'gsm8k' needs a teacher: without teacher.name_or_path the embedded tiny teacher"),
+    ("generate-limit-zero", "generate", ["limit=0"], "limit must be >= 1, got 0"),
     ("cache-mixed-shards", "distill", ["teacher.cache={mixed_cache}", "loss=kl", "metrics.ks=[1,2,3]"],
      "shard-000001.safetensors was written by another teacher, tokenizer, data set or cache settings"),
 ]

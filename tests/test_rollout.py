@@ -236,6 +236,22 @@ def test_generate_writes_jsonl_that_dataset_jsonl_reads_back_and_resumes(tmp_pat
 
 
 @pytest.mark.slow
+def test_generate_defaults_to_a_limited_number_of_test_prompts(tmp_path):
+    """By default a few hundred test prompts, not the 20,000 train prompts (over an hour on a CPU)."""
+    from conftest import TEACHER_ONLY
+    from rlkd_cli.data import dataset as D
+
+    cfg = compose("generate", [])
+    assert cfg.split == "test" and cfg.limit == 256
+    over = TEACHER_ONLY + ["trainer.progress=false", "limit=3", "generation.max_new_tokens=4"]
+    res = run_cli(["generate", *over, f"hydra.run.dir={tmp_path}"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(l) for l in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    test = D.load_examples(compose("generate", over).dataset, "test")
+    assert [l["prompt"] for l in lines] == [e["prompt"] for e in test[:3]]
+
+
+@pytest.mark.slow
 def test_offline_seqkd_distils_from_the_teacher_that_wrote_the_file(tmp_path, monkeypatch):
     """The documented recipe: rlkd generate, then rlkd distill dataset=jsonl on its output, with no teacher path.
     The teacher is the model named in the file (the cached tiny teacher), never a fresh one trained on it."""
