@@ -205,7 +205,7 @@ class TeacherCache:
         except Exception as e:  # a missing or damaged shard file
             raise RlkdError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache (rlkd "
                             "cache-teacher) or restore the file") from e
-        if identity != _expected_identity(self.meta, split):
+        if identity != expected_identity(self.meta, split):
             raise _foreign_shard(path, self.root)
         self._handles[key] = (handle, offsets)
         if len(self._handles) > OPEN_SHARDS:
@@ -243,7 +243,7 @@ IDENTITY_KEYS = ("format", "top_k", "dtype", "temperatures", "shard_examples", "
                  "vocab_size")
 
 
-def _expected_identity(meta: dict[str, Any], split: str) -> str:
+def expected_identity(meta: dict[str, Any], split: str) -> str:
     """The identity every shard of ``split`` must carry in a cache described by ``meta`` (its cache.json)."""
     info = meta.get("splits", {}).get(split, {})
     return shard_identity({k: meta.get(k) for k in IDENTITY_KEYS}, split, str(info.get("fingerprint")))
@@ -261,7 +261,7 @@ def _check_shards(root: Path, meta: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     for split, info in meta.get("splits", {}).items():
-        ident = _expected_identity(meta, split)
+        ident = expected_identity(meta, split)
         for i in range(int(info.get("num_shards", 0))):
             path = root / split / shard_name(i)
             try:
@@ -282,7 +282,7 @@ def _shards_on_disk(root: Path, meta: dict[str, Any]) -> tuple[int, int]:
     for split, info in meta.get("splits", {}).items():
         n, shards = int(info.get("num_examples", 0)), int(info.get("num_shards", 0))
         total += shards
-        ident = _expected_identity(meta, split)
+        ident = expected_identity(meta, split)
         done += sum(_shard_complete(root / split / shard_name(i), min(per, n - i * per), ident)
                     for i in range(shards)) if per else len(info.get("shards_done", []))
     return done, total
