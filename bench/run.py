@@ -84,11 +84,13 @@ def build_cache(runner: RlkdRunner, examples: list[dict], folder: Path):
     from rlkd_cli.teachers import cache as tc
 
     ds = datasets.Dataset.from_list(examples)
-    opts = {"shard_examples": 64, "batch_size": runner.spec["batch"], "top_k": 64, "dtype": "float32"}
-    entry = tc.cache_split(runner.live, ds, out=folder, split="train", opts=opts, temperatures=(1.0,),
-                           chunk=runner.chunk, pad_token_id=0, runtime=runner.runtime)
     meta = {"format": tc.FORMAT, "status": "complete", "top_k": 64, "temperatures": [1.0], "shard_examples": 64,
-            "splits": {"train": entry}}
+            "splits": {"train": {}}}
+    opts = {"shard_examples": 64, "batch_size": runner.spec["batch"], "top_k": 64, "dtype": "float32",
+            "identity": tc.expected_identity(meta, "train")}  # (what opening the cache checks every shard against)
+    meta["splits"]["train"] = tc.cache_split(runner.live, ds, out=folder, split="train", opts=opts,
+                                             temperatures=(1.0,), chunk=runner.chunk, pad_token_id=0,
+                                             runtime=runner.runtime)
     (folder / tc.META).write_text(json.dumps(meta))
     return tc.TeacherCache.open(folder)
 

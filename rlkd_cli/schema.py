@@ -72,6 +72,7 @@ class TeacherConfig:
     dtype: str = _f("auto", choices=("auto", "fp32", "bf16", "fp16"))
     device: Optional[str] = None
     train_if_missing: Optional[Dict[str, Any]] = None
+    allow_tiny_on_real_data: bool = False  # train the tiny (arch) teacher on a data set other than the embedded one
 
 
 @dataclass
@@ -301,7 +302,8 @@ class GenerateConfig(CommonConfig):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelChoice = field(default_factory=ModelChoice)
     checkpoints: List[str] = _f([])
-    split: str = _f("train", choices=("train", "validation", "test"))
+    split: str = _f("test", choices=("train", "validation", "test"))
+    limit: Optional[int] = _f(256, ge=1)
     resume: bool = False
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

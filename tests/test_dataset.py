@@ -196,14 +196,49 @@ def test_folder_without_train(tmp_path):
 # ------------------------------------------------------------------------------------------ errors
 
 def test_missing_column_names_it_the_columns_and_the_key(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1, "b": 2}])
+    path = write_jsonl(tmp_path / "x.jsonl", [{"a": "1", "b": "2"}])
     with pytest.raises(RlkdError) as e:
         D.load_examples(cfg("dolly", path=str(path)), "test")
-    assert str(e.value) == (f"dolly: column 'instruction' not found in {path} (columns: a, b); "
-                            f"set dataset.fields.instruction=<column>")
+    assert str(e.value) == (f"dolly: columns 'instruction', 'context', 'response' not found in {path} (columns: a, b); "
+                            f"set dataset.fields.instruction=<column> dataset.fields.context=<column> "
+                            f"dataset.fields.response=<column>")
     # Mapping the columns through `fields` fixes it.
     c = cfg("jsonl", path=str(path), fields={"prompt": "a", "response": "b"})
     assert D.load_examples(c, "test")[0] == {"id": "0", "prompt": "1", "response": " 2", "reference": "2"}
+
+
+@pytest.mark.parametrize("literal, shown", [("NaN", "NaN (a number)"), ("Infinity", "Infinity (a number)"),
+                                            ("-Infinity", "-Infinity (a number)"), ("12.5", "12.5 (a number)"),
+                                            ("true", "true (a boolean)")])
+def test_a_non_string_in_a_text_column_is_refused_with_its_line(tmp_path, literal, shown):
+    """JSON Lines' NaN / Infinity literals (Python's json reads them as floats) and other non-strings never become
+    training text ("nan"): one line naming file:line, the column and the fix."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "one"}, "",
+                                              f'{{"prompt": "b", "response": {literal}}}'])
+    with pytest.raises(RlkdError) as e:
+        D.load_examples(cfg("jsonl", path=str(path), validation_size=0), "test")
+    assert str(e.value) == (f"dataset 'jsonl': {path}:3 holds {shown} in column 'response', where rlkd reads text; "
+                            "write it as a JSON string (\"...\"), or map another column with "
+                            "dataset.fields.response=<column>")
+    # a carved split names the row's own line, not its index in the split
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)] + [{"prompt": float("nan"), "response": "x"}]
+    path = write_jsonl(tmp_path / "v.jsonl", rows)
+    with pytest.raises(RlkdError, match=r"v\.jsonl:7 holds NaN \(a number\) in column 'prompt'"):
+        D.load_examples(cfg("jsonl", path=str(path), validation_size=2), "validation")
+
+
+def test_every_missing_column_is_named_in_one_line_before_any_row_count(tmp_path):
+    """Both missing columns at once, and before the 3-row file is found too short for validation_size=100."""
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    with pytest.raises(RlkdError) as e:
+        D.load_examples(cfg("jsonl", path=str(path)), "train")
+    assert str(e.value) == (f"jsonl: columns 'prompt', 'response' not found in {path} (columns: question, answer); "
+                            "set dataset.fields.prompt=<column> dataset.fields.response=<column>")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    with pytest.raises(RlkdError, match=r"columns 'prompt', 'response' not found in .*train\.jsonl"):
+        D.check(cfg("jsonl", path=str(folder)))
 
 
 def test_empty_file(tmp_path):
@@ -294,7 +329,7 @@ def test_labels_mask_exactly_the_prompt(tok):
     split = D.build_split(c, tok, "train")
     examples = D.load_examples(c, "train")
     assert split.stats["num_examples"] == 30 and split.stats["num_truncated"] == 0
-    assert set(split.dataset.column_names) == {"input_ids", "labels"}
+    assert set(split.dataset.column_names) == {"input_ids", "labels", "prompt_ids"}  # (prompt_ids: for rollouts)
     _check_masking(split, examples, tok, c["max_length"])
     assert split.stats["num_tokens"] == sum(len(r) for r in split.dataset["input_ids"])
     assert split.stats["num_response_tokens"] == sum(
@@ -339,6 +374,26 @@ def test_truncation_cuts_the_prompt_from_the_left_then_the_response(tmp_path, to
     assert expected_trunc == 2
     assert split.stats["num_truncated"] == 2 and split.stats["num_dropped"] == 0
     assert split.stats["num_examples"] == 3
+
+
+def test_a_response_generation_cut_off_is_trained_without_an_eos(tmp_path, tok):
+    """rlkd generate marks a response that hit max_new_tokens with ended_with_eos: false; dataset=jsonl must not
+    teach the model to stop there (rows that ended at eos, or without the column, keep their eos)."""
+    rows = [{"prompt": "Q: a", "response": "cut here", "ended_with_eos": False},
+            {"prompt": "Q: b", "response": "ended", "ended_with_eos": True},
+            {"prompt": "Q: c", "response": "plain data"}]
+    path = write_jsonl(tmp_path / "gen.jsonl", rows)
+    split = D.build_split(cfg("jsonl", path=str(path), validation_size=0), tok, "test")
+    eos = tok.eos_token_id
+    labels = [[t for t in row["labels"] if t != -100] for row in split.dataset]
+    assert labels[0] == tok(" cut here", add_special_tokens=False)["input_ids"]
+    assert labels[1] == tok(" ended", add_special_tokens=False)["input_ids"] + [eos]
+    assert labels[2][-1] == eos
+    # the flag is part of the fingerprint: the same texts with an eos are another tokenized split
+    rows[0]["ended_with_eos"] = True
+    again = D.build_split(cfg("jsonl", path=str(write_jsonl(tmp_path / "gen.jsonl", rows)), validation_size=0), tok,
+                          "test")
+    assert again.fingerprint != split.fingerprint and again.dataset[0]["labels"][-1] == eos
 
 
 def test_tokenize_example_edge_cases():

@@ -99,14 +99,28 @@ def files(tmp_path_factory, checkpoint) -> dict[str, Path]:
     shutil.copytree(out["small_cache"], out["incomplete_cache"])
     meta = json.loads((out["incomplete_cache"] / "cache.json").read_text())
     meta["status"] = "incomplete"
-    meta["splits"]["train"]["shards_done"] = [0]
+    meta["splits"]["train"]["shards_done"] = []  # killed in its first split: only the shards on disk tell
     meta["splits"]["validation"]["shards_done"] = []
     (out["incomplete_cache"] / "cache.json").write_text(json.dumps(meta))
+    for shard in ("train/shard-000001", "train/shard-000002", "validation/shard-000000"):
+        (out["incomplete_cache"] / f"{shard}.safetensors").unlink()
+
+    # a cache folder with one shard of another teacher (its identity in the shard's metadata differs)
+    from safetensors.torch import load_file, save_file
+
+    out["mixed_cache"] = root / "mixed-cache"
+    shutil.copytree(out["small_cache"], out["mixed_cache"])
+    shard = out["mixed_cache"] / "train" / "shard-000001.safetensors"
+    save_file(load_file(str(shard)), str(shard), metadata={"identity": "another-teachers"})
 
     # data files whose responses are all empty or null, or hold a list
     rows = [{"prompt": f"q{i}", "response": ["a", "list"] if i == 3 else f"a{i}"} for i in range(40)]
     out["list_response"] = root / "list-response.jsonl"
     out["list_response"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out["nan_response"] = root / "nan-response.jsonl"  # JSON Lines' NaN literal, which Python's json reads as a float
+    out["nan_response"].write_text("".join(('{"prompt": "q%d", "response": NaN}' if i == 3 else
+                                            json.dumps({"prompt": f"q{i}", "response": f"a{i}"})) + "\n"
+                                           for i in range(40)))
     rows = [{"prompt": f"q{i}", "response": "" if i % 2 else None} for i in range(40)]
     out["empty_responses"] = root / "empty-responses.jsonl"
     out["empty_responses"].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -233,7 +247,8 @@ CASES = [
     # data
     ("data-empty", "distill", ["dataset=jsonl", "dataset.path={empty}"], "is empty (no rows)"),
     ("data-malformed", "distill", ["dataset=jsonl", "dataset.path={malformed}"], "malformed JSON line"),
-    ("data-missing-column", "distill", ["dataset=jsonl", "dataset.path={columns}", "dataset.validation_size=5"], "column 'prompt' not found"),
+    ("data-missing-column", "distill", ["dataset=jsonl", "dataset.path={columns}"],
+     "columns 'prompt', 'response' not found"),
     ("data-missing-file", "distill", ["dataset=jsonl", "dataset.path=/nonexistent/data.jsonl"],
      "no such file or folder '/nonexistent/data.jsonl'"),
     ("data-no-path", "distill", ["dataset=jsonl"], "dataset=jsonl needs dataset.path"),
@@ -348,6 +363,15 @@ CASES = [
      "experiment=with_key sets the key 'foo', which rlkd evaluate does not have"),
     ("dash-option", "distill", ["--max_steps", "10"],
      "'--max_steps' is not an option of rlkd distill: settings are key=value overrides, e.g. trainer.max_steps=10"),
+    # data, teachers, teacher cache, generate (issues 18 and 23)
+    ("data-nan-text", "distill", ["dataset=jsonl", "dataset.path={nan_response}", "dataset.validation_size=5"],
+     "{nan_response}:4 holds NaN (a number) in column 'response', where rlkd reads text"),
+    ("tiny-teacher-on-real-data", "distill", ["dataset=gsm8k", "dataset.path={columns}", "dataset.validation_size=5",
+                                              "teacher.allow_tiny_on_real_data=false"],
+     "dataset 'gsm8k' needs a teacher: without teacher.name_or_path the embedded tiny teacher"),
+    ("generate-limit-zero", "generate", ["limit=0"], "limit must be >= 1, got 0"),
+    ("cache-mixed-shards", "distill", ["teacher.cache={mixed_cache}", "loss=kl", "metrics.ks=[1,2,3]"],
+     "shard-000001.safetensors was written by another teacher, tokenizer, data set or cache settings"),
 ]
 
 
@@ -453,3 +477,37 @@ def test_a_missing_data_set_is_refused_before_a_teacher_trains_on_it(tmp_path, m
     res = run_cli(["distill", *QUICK_NO_DATA, "dataset=jsonl", "dataset.path=/nonexistent/data.jsonl",
                    f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"])  # no cached teacher
     assert res.exit_code == 2 and "no such file or folder '/nonexistent/data.jsonl'" in res.output, res.output
+
+
+@pytest.mark.parametrize("data", ["empty", "columns"])
+def test_bad_data_is_refused_before_any_tokenizer_teacher_or_model_work(data, files, tmp_path, monkeypatch):
+    """An empty file, or one without the columns, is one line before the run builds a tokenizer, trains a
+    tiny teacher (no cached one here) or loads a model, and before any "training it now" warning."""
+    from rlkd_cli import models
+    from rlkd_cli.data import tokenizer as tok_mod
+    from rlkd_cli.teachers import tiny
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("tokenizer, teacher or model work before the data set was checked")
+
+    for module, name in ((tiny, "train"), (tok_mod, "for_run"), (models, "load_pretrained"), (models, "load_model")):
+        monkeypatch.setattr(module, name, too_early)
+    res = run_cli(["distill", *QUICK, "dataset=jsonl", f"dataset.path={files[data]}", f"cache_dir={tmp_path}/cache",
+                   f"hydra.run.dir={tmp_path}/run"])
+    assert res.exit_code == 2, res.output
+    assert [line for line in res.output.splitlines() if line.strip()] == \
+        [next(line for line in res.output.splitlines() if line.startswith("error:"))], res.output
+    assert ("is empty (no rows)" if data == "empty" else "columns 'prompt', 'response' not found") in res.output
+
+
+def test_an_unreachable_hub_is_one_line_without_retry_warnings(tmp_path):
+    """Not offline, but the hub cannot be reached: no "Retrying in 1s [Retry 1/5]" lines on either stream, at once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # a port nobody listens on
+    res = subprocess.run([sys.executable, "-m", "rlkd_cli", "distill", *QUICK, "dataset=gsm8k",
+                          f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stdout.strip() == "" and "Retry" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("error: cannot load dataset 'openai/gsm8k' from the hub (offline or unreachable")

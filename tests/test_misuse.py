@@ -58,11 +58,14 @@ def test_tiny_teacher_is_keyed_on_the_tokenizer_actually_used(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_resume_on_changed_data_is_refused_unless_forced(tmp_path):
+def test_resume_on_changed_data_is_refused_unless_forced(tmp_path, rlkd_cache):
     rows = [{"prompt": f"Question: {i} plus {i}?", "response": f"{2 * i}"} for i in range(80)]
     data = _jsonl(tmp_path / "data.jsonl", rows)
+    from rlkd_cli.data.tokenizer import embedded_tokenizer, embedded_tokenizer_dir
+
+    embedded_tokenizer(rlkd_cache)  # one tokenizer for both runs (a tokenizer trained on the data would change too)
     over = QUICK + ["dataset=jsonl", f"dataset.path={data}", "dataset.validation_size=8", "trainer.max_steps=4",
-                    "trainer.eval_every=0"]
+                    "trainer.eval_every=0", f"tokenizer.name_or_path={embedded_tokenizer_dir(rlkd_cache)}"]
     run = tmp_path / "run"
     assert train("distill", over + ["trainer.stop_after=2"], run)["status"] == "stopped"
     rows[5]["response"] = "a different answer"
@@ -112,7 +115,7 @@ def test_latest_naming_a_folder_outside_the_run_is_ignored(tmp_path):
 
 def test_rows_without_a_response_are_left_out_with_a_count(tmp_path, caplog):
     rows = [{"prompt": "a", "response": "one"}, {"prompt": "b"}, {"prompt": "c", "response": None},
-            {"prompt": "d", "response": "  "}, {"prompt": "e", "response": 5}]
+            {"prompt": "d", "response": "  "}, {"prompt": "e", "response": "5"}]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     cfg = {**D.DEFAULTS, "name": "jsonl", "path": str(path), "validation_size": 0}
     with caplog.at_level(logging.WARNING, logger="rlkd.data"):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import QUICK, compose, run_cli, train
 from rlkd_cli import rollout
+from rlkd_cli.errors import RlkdError
 from rlkd_cli.data.loader import Collator
 from rlkd_cli.engine import chunking
 from rlkd_cli.generation import HFGenerator, Sampling
@@ -34,11 +35,11 @@ class FixedGenerator:
         return self.outs
 
 
-def _rollouts(rc=RC, generator=None, model=None):
+def _rollouts(rc=RC, generator=None, model=None, prompts=None):
     tok = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     model = model or SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
     src = rollout.Rollouts(dict(rc), base=None, model=model, runtime=Runtime.create({"device": "cpu"}),
-                           tokenizer=tok, seed=0, max_length=20)
+                           tokenizer=tok, seed=0, max_length=20, prompts=prompts)
     if generator is not None:
         src.generator = generator
     return src
@@ -66,6 +67,35 @@ def test_generated_batch_masks_prompt_pad_and_eos_exactly():
     stats = src.stats(1.0)
     assert stats["rollout/generated_tokens"] == 8 and stats["rollout/eos_share"] == 0.5
     assert stats["rollout/mean_length"] == 4.0
+
+
+def test_rollout_prompts_are_cut_only_for_the_generated_length(tmp_path):
+    """A long reference response made training cut the prompt to its last token; generation, which never uses
+    that response, gets the whole prompt, cut from the left only to max_length - max_new_tokens (20 - 6)."""
+    import datasets
+
+    from rlkd_cli.data import dataset as D
+    from rlkd_cli.data.tokenizer import embedded_tokenizer
+
+    long_prompt = list(range(100, 116))  # 16 tokens
+    prompts = datasets.Dataset.from_dict({"prompt_ids": [[1, 2, 3], long_prompt]})
+    batch = Collator(PAD)([{"input_ids": [1, 2, 3, 11], "labels": [-100, -100, -100, 11], "example_id": 0},
+                           {"input_ids": [115] + [12] * 19, "labels": [-100] + [12] * 19, "example_id": 1}])
+    gen = FixedGenerator([([21, EOS], True), ([31, EOS], True)])
+    src = _rollouts(generator=gen, prompts=prompts)
+    out = src._generate(batch)
+    assert gen.prompts == [[[1, 2, 3], long_prompt[-14:]]]
+    assert out["input_ids"][1].tolist()[:16] == long_prompt[-14:] + [31, EOS]
+    # the tokenized split keeps each example's whole prompt (up to max_length - 1) beside its cut training row
+    tok = embedded_tokenizer(tmp_path / "cache", vocab_size=512, num_rows=1500)
+    rows = [{"prompt": "one two three four five six seven eight", "response": " nine" * 40}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = D.build_split({**D.DEFAULTS, "name": "jsonl", "path": str(path), "validation_size": 0,
+                           "max_length": 30}, tok, "test")
+    whole = tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    row = split.dataset[0]
+    assert row["prompt_ids"] == whole and row["labels"].count(-100) == 1  # training kept one prompt token
 
 
 def test_hf_generator_stops_each_row_at_eos_and_restores_train_mode():
@@ -203,3 +233,57 @@ def test_generate_writes_jsonl_that_dataset_jsonl_reads_back_and_resumes(tmp_pat
     assert (run / "generations.jsonl").read_text().splitlines() == text
     res = run_cli(["generate", *over, f"hydra.run.dir={run}", "resume=true", "generation.max_new_tokens=8"])
     assert res.exit_code == 2 and "written with other settings (generation differ)" in res.output
+
+
+@pytest.mark.slow
+def test_generate_defaults_to_a_limited_number_of_test_prompts(tmp_path):
+    """By default a few hundred test prompts, not the 20,000 train prompts (over an hour on a CPU)."""
+    from conftest import TEACHER_ONLY
+    from rlkd_cli.data import dataset as D
+
+    cfg = compose("generate", [])
+    assert cfg.split == "test" and cfg.limit == 256
+    over = TEACHER_ONLY + ["trainer.progress=false", "limit=3", "generation.max_new_tokens=4"]
+    res = run_cli(["generate", *over, f"hydra.run.dir={tmp_path}"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(l) for l in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    test = D.load_examples(compose("generate", over).dataset, "test")
+    assert [l["prompt"] for l in lines] == [e["prompt"] for e in test[:3]]
+
+
+@pytest.mark.slow
+def test_offline_seqkd_distils_from_the_teacher_that_wrote_the_file(tmp_path, monkeypatch):
+    """The documented recipe: rlkd generate, then rlkd distill dataset=jsonl on its output, with no teacher path.
+    The teacher is the model named in the file (the cached tiny teacher), never a fresh one trained on it."""
+    from conftest import TEACHER_ONLY, teacher_path
+    from rlkd_cli.teachers import tiny
+
+    gen = tmp_path / "gen"
+    over = TEACHER_ONLY + ["trainer.progress=false", "split=test", "generation.max_new_tokens=16"]
+    res = run_cli(["generate", *over, f"hydra.run.dir={gen}"])
+    assert res.exit_code == 0, res.output
+    writer = str(teacher_path(compose("generate", over)))
+    lines = [json.loads(l) for l in (gen / "generations.jsonl").read_text().splitlines()]
+    assert {(l["model"], l["role"]) for l in lines} == {(writer, "teacher")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a new tiny teacher was trained on the generated file")
+
+    monkeypatch.setattr(tiny, "train", no_training)
+    run = tmp_path / "distill"
+    data = ["dataset=jsonl", f"dataset.path={gen / 'generations.jsonl'}", "dataset.validation_size=8"]
+    summary = train("distill", QUICK + data + ["trainer.max_steps=2", "trainer.eval_every=0"], run)
+    assert summary["status"] == "completed"
+    assert yaml_load(run / "config.yaml")["teacher"]["name_or_path"] == writer
+    # a file whose writer is gone is one line naming it, not a new teacher
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text("".join(json.dumps({**l, "model": str(tmp_path / "gone")}) + "\n" for l in lines))
+    with pytest.raises(RlkdError, match=r"was generated by model .*gone \(its rows' \"model\"\), which is not here"):
+        train("distill", QUICK + ["dataset=jsonl", f"dataset.path={moved}", "dataset.validation_size=8"],
+              tmp_path / "d2")
+
+
+def yaml_load(path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,32 @@ def test_interrupted_cache_is_refused_then_resumed(tmp_path):
         for key in before[name]:
             assert torch.equal(before[name][key], after[name][key]), (name, key)
     assert teacher_cache.TeacherCache.open(root).meta["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_a_shard_of_another_teacher_is_refused_and_a_killed_build_counts_the_shards_on_disk(tmp_path):
+    root, _ = _build(tmp_path)
+    other, _ = _build(tmp_path, ["teacher.train_if_missing.max_steps=5"], name="other")  # another tiny teacher
+    cache = teacher_cache.TeacherCache.open(other)  # (opened before the swap: the read itself checks too)
+    mine = other / "train" / "shard-000001.safetensors"
+    saved = mine.read_bytes()
+    shutil.copy(root / "train" / "shard-000001.safetensors", mine)
+    assert cache.example_rows("train", [0]).ids.shape[0] > 0  # its own shards still read
+    with pytest.raises(RlkdError, match=r"shard .*train/shard-000001\.safetensors was written by another teacher"):
+        cache.example_rows("train", [300])
+    with pytest.raises(RlkdError, match=r"shard .*train/shard-000001\.safetensors was written by another teacher"):
+        teacher_cache.TeacherCache.open(other)  # refused when opened, before any training
+    mine.write_bytes(saved)
+    # a build killed in its first split: cache.json lists no finished shard, but three are on disk
+    meta = json.loads((other / "cache.json").read_text())
+    meta["status"] = "incomplete"
+    for info in meta["splits"].values():
+        info["shards_done"] = []
+    (other / "cache.json").write_text(json.dumps(meta))
+    (other / "train" / "shard-000002.safetensors").unlink()
+    with pytest.raises(RlkdError, match=r"is incomplete \(3/4 shards\); finish it by running the same rlkd "
+                                        r"cache-teacher command again with cache.out=.* \(it keeps the 3 finished"):
+        teacher_cache.TeacherCache.open(other)
 
 
 def test_cache_folder_with_other_settings_is_refused(tmp_path):

@@ -210,3 +210,22 @@ def test_load_tokenizer_unreachable_hub_id_offline(tmp_path):
     line = out.stdout.strip().splitlines()[-1]
     assert line == ("ERR cannot load tokenizer 'rlkd-test-org/no-such-tokenizer': no such local folder and not in "
                     "the hub cache (offline); set teacher.name_or_path to a local folder")
+
+
+def test_models_built_from_scratch_on_real_data_get_a_tokenizer_trained_on_its_text(tmp_path):
+    """The tiny teacher allowed on real data (and any arch model there) reads it through merges made for it,
+    not through the synthetic task's: a word frequent in the data is one token; the tokenizer is cached."""
+    from conftest import QUICK, compose
+
+    rows = [{"prompt": f"Quadrilateral {i} perimeter?", "response": f"The perimeter of quadrilateral {i}"}
+            for i in range(300)]
+    path = tmp_path / "real.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose("distill", QUICK + ["dataset=jsonl", f"dataset.path={path}", f"cache_dir={tmp_path / 'cache'}"])
+    before = T.TRAIN_COUNT
+    tok = T.for_run(cfg, [("teacher", cfg.teacher)])
+    assert len(tok(" quadrilateral", add_special_tokens=False)["input_ids"]) == 1
+    embedded = T.for_run(compose("distill", QUICK + [f"cache_dir={tmp_path / 'cache'}"]), [])
+    assert len(embedded(" quadrilateral", add_special_tokens=False)["input_ids"]) > 1
+    assert T.fingerprint(T.for_run(cfg, [])) == T.fingerprint(tok) and T.TRAIN_COUNT == before + 2  # cached
+    assert tok.decode(tok("naïve 🙂 text", add_special_tokens=False)["input_ids"]) == "naïve 🙂 text"

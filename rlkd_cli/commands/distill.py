@@ -14,6 +14,7 @@ from rlkd_cli.runtime import Runtime
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     schema.validate(cfg)
+    teachers.prepare(cfg)  # the data set checked, the teacher settled (a generations file's writer)
     runtime = Runtime.create(cfg.trainer)
     tokenizer = tok_mod.for_run(cfg, [("teacher", cfg.teacher), ("student", cfg.student)])
     if cfg.student.get("name_or_path"):

@@ -2,14 +2,16 @@
 
 The model: ``model=teacher`` (default; the tiny teacher is trained on first use, as ``rlkd sft``
 does), ``model=student``, ``model.name_or_path=PATH`` (any model folder or hub id), or
-``checkpoints=[A,B,...]`` (one file each). The prompts: ``split=`` of the dataset (``dataset.limit=N``
-keeps the first N).
+``checkpoints=[A,B,...]`` (one file each). The prompts: the first ``limit`` (default 256; ``null``: all)
+of the dataset's ``split=`` (default ``test``): the whole 20,000-prompt train split of the embedded task
+takes over an hour on a CPU.
 
 Output (in the run dir): ``generations.jsonl`` (``generations/<folder name>.jsonl`` per checkpoint),
-one line per prompt ``{"id", "prompt", "response", "reference", "model", "ended_with_eos",
+one line per prompt ``{"id", "prompt", "response", "reference", "model", "role", "ended_with_eos",
 "generated_tokens"}`` in the split's order, written a batch at a time; ``generations.json`` (what
 was generated with what); ``summary.json``. ``rlkd distill dataset=jsonl dataset.path=<file>`` then
-trains on the generated responses (offline sequence-level KD when the teacher wrote them).
+trains on the generated responses (offline sequence-level KD when the teacher wrote them: with no
+``teacher.name_or_path`` the model that wrote the file is the teacher, never a new tiny one).
 
 Resumable: ``resume=true`` in the same run dir continues each file after its last complete line,
 if it was written with the same model, data and generation settings (else one line saying what
@@ -125,7 +127,8 @@ def _generate_one(spec: dict[str, Any], cfg: DictConfig, runtime: Runtime, run_d
                                      sampling=sampling, seed=int(gc.seed) + start, max_prompt_tokens=max_prompt)
             for ex, (text, ended, n) in zip(part, rows):
                 f.write(dumps({"id": ex["id"], "prompt": ex["prompt"], "response": text, "reference": ex["reference"],
-                               "model": spec["label"], "ended_with_eos": ended, "generated_tokens": n},
+                               "model": spec["label"], "role": spec["role"], "ended_with_eos": ended,
+                               "generated_tokens": n},
                               ensure_ascii=False) + "\n")
                 stats.update(written=stats["written"] + 1, eos=stats["eos"] + int(ended), tokens=stats["tokens"] + n)
             f.flush()
@@ -143,6 +146,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     runtime = Runtime.create(cfg.trainer)
     examples = data_mod.load_examples(cfg.dataset, str(cfg.split))
     require(len(examples) > 0, f"dataset split '{cfg.split}' has no prompts; check dataset.path and dataset.limit")
+    if cfg.get("limit") is not None and int(cfg.limit) < len(examples):
+        log.info("generating for the first %d of the %d prompts of the %s split (limit=%d; limit=null for all)",
+                 int(cfg.limit), len(examples), cfg.split, int(cfg.limit))
+        examples = examples[:int(cfg.limit)]
     rows = [_generate_one(spec, cfg, runtime, run_dir, examples) for spec in _models(cfg, runtime)]
     for row in rows:
         log.info("wrote %s: %d responses (%d before a resume), %.0f%% ended with eos, %.1f tokens on average",

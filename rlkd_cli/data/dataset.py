@@ -65,7 +65,10 @@ KINDS = ("synthetic_math", "prompt_response", "text")
 METRICS = ("accuracy", "rougeL", "perplexity")
 IGNORE_INDEX = -100
 #: Bumped whenever tokenization changes what it produces (part of the on-disk cache's fingerprint).
-TOKENIZATION_VERSION = 2
+TOKENIZATION_VERSION = 3
+#: The column in which ``rlkd generate`` marks a response cut off at ``max_new_tokens`` (``false``): such a
+#: response is trained without an eos, so the model does not learn to stop where the text was cut.
+ENDED_COLUMN = "ended_with_eos"
 
 
 # Every key a dataset config may have, with the value used when a config leaves it out
@@ -105,6 +108,30 @@ def check_found(cfg: Any) -> None:
     sources.locate(dataset_cfg(cfg))
 
 
+def is_embedded(cfg: Any) -> bool:
+    """Whether the data set is the embedded default (the synthetic generator, no ``dataset.path``)."""
+    d = dataset_cfg(cfg)
+    return d["kind"] == "synthetic_math" and (d["path"] is None or str(d["path"]).strip() == "")
+
+
+#: The columns by which an ``rlkd generate`` file says which model wrote each row.
+GENERATED_COLUMNS = ("model", ENDED_COLUMN, "generated_tokens")
+
+
+def generated_by(cfg: Any) -> str | None:
+    """The model that wrote the data set's train rows when they are one teacher's ``rlkd generate`` output
+    (every row names the same ``model``, with ``role`` teacher or unrecorded), else ``None``."""
+    d = dataset_cfg(cfg)
+    if sources.locate(d)[0] not in ("file", "folder"):
+        return None
+    rows = sources.load(d, "train").rows
+    if not rows or not all(all(c in r for c in GENERATED_COLUMNS) for r in rows):
+        return None
+    writers = {str(r["model"]) for r in rows}
+    roles = {r.get("role") for r in rows}
+    return writers.pop() if len(writers) == 1 and roles <= {None, "teacher"} else None
+
+
 def load_rows(cfg: Any, split: str) -> list[dict]:
     """The raw rows (dicts, as in the source) of ``split`` in {"train", "validation", "test"}."""
     return sources.load(dataset_cfg(cfg), split).rows
@@ -133,30 +160,49 @@ def _template_vars(template: str | None, name: str, key: str) -> list[str]:
     return out
 
 
-def _text(value: Any, *, column: str, row: int, name: str, source: str) -> str:
-    """A cell as text: strings as they are, numbers as written, null as empty; a list or dict is refused."""
+def _text(value: Any, *, column: str, var: str, where: str, name: str) -> str:
+    """A cell as text: strings as they are, null as empty; anything else is refused, never turned into text
+    (a JSON ``NaN`` would otherwise train as the word "nan", a number as its Python spelling)."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, dict)):
-        raise RlkdError(f"dataset '{name}': row {row} of {source} holds a {type(value).__name__} in column "
-                        f"'{column}', where rlkd reads text; flatten that column to a string, or map another column "
-                        f"with dataset.fields")
-    return str(value)
+    kind = {list: "a list", dict: "an object", bool: "a boolean"}.get(type(value), "a number")
+    shown = kind if isinstance(value, (list, dict)) else f"{json.dumps(value)[:40]} ({kind})"
+    raise RlkdError(f"dataset '{name}': {where} holds {shown} in column '{column}', where rlkd reads text; write it "
+                    f"as a JSON string (\"...\"), or map another column with dataset.fields.{var}=<column>")
 
 
 def _columns_of(cfg: dict, got: _Rows, all_vars: list[str]) -> None:
-    """Every template variable's column exists in the source (one line listing the columns otherwise)."""
+    """Every template variable's column exists in the source: one line naming all the missing ones otherwise."""
+    if not got.rows:
+        return  # nothing to check the columns against (an empty carved split, or limit=0)
     columns: dict[str, None] = {}
     for row in got.rows:
         for k in row:
             columns.setdefault(k, None)
-    for var in all_vars:
-        col = str(cfg["fields"].get(var, var))
-        if col not in columns:
-            raise RlkdError(f"{cfg['name']}: column '{col}' not found in {got.source} (columns: {', '.join(columns)}); "
-                            f"set dataset.fields.{var}=<column>")
+    missing = {var: str(cfg["fields"].get(var, var)) for var in all_vars}
+    missing = {var: col for var, col in missing.items() if col not in columns}
+    if not missing:
+        return
+    names = ", ".join(f"'{c}'" for c in missing.values())
+    fix = " ".join(f"dataset.fields.{var}=<column>" for var in missing)
+    raise RlkdError(f"{cfg['name']}: column{'s' if len(missing) > 1 else ''} {names} not found in {got.source} "
+                    f"(columns: {', '.join(columns)}); set {fix}")
+
+
+def _template_set(cfg: dict) -> tuple[str, str | None, str, list[str], list[str]]:
+    """``(prompt template, no-input template, response template, the variables only the prompt template uses
+    (optional inputs), every variable)`` of the data set's templates."""
+    name, text_kind = cfg["name"], cfg["kind"] == "text"
+    response_t = cfg["response_template"] or ("{text}" if text_kind else " {response}")
+    prompt_t = "" if text_kind else (cfg["prompt_template"] or "")
+    no_input_t = None if text_kind else cfg["prompt_template_no_input"]
+    p_vars = _template_vars(prompt_t, name, "prompt_template")
+    n_vars = _template_vars(no_input_t, name, "prompt_template_no_input")
+    r_vars = _template_vars(response_t, name, "response_template")
+    optional = [v for v in p_vars if v not in n_vars] if no_input_t else []
+    return prompt_t, no_input_t, response_t, optional, list(dict.fromkeys(p_vars + n_vars + r_vars))
 
 
 def _response_state(row: dict, cols: list[str], values: dict[str, str], r_vars: list[str]) -> str | None:
@@ -173,23 +219,16 @@ def _response_state(row: dict, cols: list[str], values: dict[str, str], r_vars: 
 def _render(cfg: dict, got: _Rows) -> list[dict]:
     """Rows -> ``{"id", "prompt", "response", "reference"}``; rows without a response are left out, with a count."""
     name, fields = cfg["name"], cfg["fields"]
-    text_kind = cfg["kind"] == "text"
-    response_t = cfg["response_template"] or ("{text}" if text_kind else " {response}")
-    prompt_t = "" if text_kind else (cfg["prompt_template"] or "")
-    no_input_t = None if text_kind else cfg["prompt_template_no_input"]
-    p_vars = _template_vars(prompt_t, name, "prompt_template")
-    n_vars = _template_vars(no_input_t, name, "prompt_template_no_input")
+    prompt_t, no_input_t, response_t, optional, all_vars = _template_set(cfg)
     r_vars = _template_vars(response_t, name, "response_template")
-    optional = [v for v in p_vars if v not in n_vars] if no_input_t else []
-    all_vars = list(dict.fromkeys(p_vars + n_vars + r_vars))
     if not got.rows:
         return []  # nothing to check the columns against (an empty carved split, or limit=0)
     _columns_of(cfg, got, all_vars)
     id_field, r_cols = cfg["id_field"], [str(fields.get(v, v)) for v in r_vars]
     examples, skipped = [], {"missing": 0, "null": 0, "empty": 0}
     for i, row in enumerate(got.rows):
-        values = {var: _text(row.get(str(fields.get(var, var))), column=str(fields.get(var, var)), row=i + 1,
-                             name=name, source=got.source) for var in all_vars}
+        values = {var: _text(row.get(str(fields.get(var, var))), column=str(fields.get(var, var)), var=var,
+                             where=got.where(i), name=name) for var in all_vars}
         why = _response_state(row, r_cols, values, r_vars) if r_vars else None
         if why is not None:
             skipped[why] += 1
@@ -199,6 +238,8 @@ def _render(cfg: dict, got: _Rows) -> list[dict]:
         response = response_t.format_map(values)
         ex_id = str(row[id_field]) if id_field and row.get(id_field) is not None else str(i)
         examples.append({"id": ex_id, "prompt": prompt, "response": response, "reference": response.strip()})
+        if row.get(ENDED_COLUMN) is False:  # cut off by generation: no eos after it
+            examples[-1]["eos"] = False
     if not examples:
         raise RlkdError(f"dataset '{name}': every one of the {len(got.rows)} rows of {got.source} has a missing, null "
                         f"or empty response (column {', '.join(repr(c) for c in r_cols)}); point dataset.fields."
@@ -213,17 +254,34 @@ def load_examples(cfg: Any, split: str, *, limit: int | None = None) -> list[dic
     """Rows of ``split`` rendered to ``{"id", "prompt", "response", "reference"}``.
 
     ``response`` is the training target exactly as ``response_template`` renders it (with its
-    leading space); ``reference`` is the same text stripped, the gold target for metrics. For
+    leading space); ``reference`` is the same text stripped, the gold target for metrics. A row
+    whose ``ended_with_eos`` column is ``false`` (``rlkd generate``'s mark of a response cut off at
+    ``max_new_tokens``) also has ``"eos": False``: it is trained without an eos. For
     ``text`` data sets the prompt is ``""``. ``id`` is the ``id_field`` column when the row has
     it, else the row's index in the split.
     """
     return _examples(dataset_cfg(cfg), split, limit)[0]
 
 
+def check(cfg: Any) -> None:
+    """The data set as training will read it: found, its columns there, its train and validation rows
+    rendered (every refusal of bad rows); one line before any tokenizer, teacher or model work."""
+    d = dataset_cfg(cfg)
+    level = log.level
+    log.setLevel(logging.ERROR)  # (its warnings, e.g. rows left out, come once, when the splits are built)
+    try:
+        for split in ("train", "validation"):
+            if not _examples(d, split, None)[0] and split == "train":
+                raise _empty_error(d, split, "it has no rows")
+    finally:
+        log.setLevel(level)
+
+
 def _examples(d: dict, split: str, limit: int | None) -> tuple[list[dict], _Rows]:
-    got = sources.load(d, split)
+    all_vars = _template_set(d)[4]
+    got = sources.load(d, split, check=lambda raw: _columns_of(d, raw, all_vars))
     if limit is not None:
-        got.rows = got.rows[:limit]
+        got = got.take(0, limit)
     return _render(d, got), got
 
 
@@ -234,7 +292,8 @@ def _examples(d: dict, split: str, limit: int | None) -> tuple[list[dict], _Rows
 
 @dataclass
 class TokenizedSplit:
-    """A tokenized split: ``dataset`` (a ``datasets.Dataset``) has int-list columns ``input_ids`` and ``labels``.
+    """A tokenized split: ``dataset`` (a ``datasets.Dataset``) has int-list columns ``input_ids`` and ``labels``
+    (and, for prompt/response data, ``prompt_ids``: the untruncated prompt that rollouts generate from).
 
     ``stats``: num_rows (rendered rows), num_examples (kept sequences), num_truncated,
     num_dropped, num_tokens, num_response_tokens (labels != -100), num_malformed (skipped lines),
@@ -271,23 +330,24 @@ def _tail(ids: list[int], keep: int) -> list[int]:
 
 
 def tokenize_example(prefix: list[int], prompt_ids: list[int], response_ids: list[int], eos: int,
-                     max_length: int) -> tuple[list[int], list[int], bool] | None:
+                     max_length: int, *, add_eos: bool = True) -> tuple[list[int], list[int], bool] | None:
     """One training sequence ``(input_ids, labels, truncated)``, or ``None`` if nothing is left to train.
 
     Untruncated: ``prefix + prompt + response + [eos]``, labels ``-100`` on ``prefix + prompt``.
     Too long: the prompt is cut from the left so that the whole ``response + [eos]`` fits, keeping
     at least ``prefix`` and the last prompt token (so the first response token has a context);
     if even that does not fit, the response's end is cut and no eos is appended (the model must not
-    learn to stop where the text was cut).
+    learn to stop where the text was cut). ``add_eos=False`` (a response that was itself cut off)
+    never appends the eos.
     """
-    prompt = prefix + prompt_ids
-    if len(prompt) + len(response_ids) + 1 <= max_length:
-        return prompt + response_ids + [eos], [IGNORE_INDEX] * len(prompt) + response_ids + [eos], False
+    prompt, end = prefix + prompt_ids, [eos] if add_eos else []
+    if len(prompt) + len(response_ids) + len(end) <= max_length:
+        return prompt + response_ids + end, [IGNORE_INDEX] * len(prompt) + response_ids + end, False
     min_prompt = min(len(prompt), len(prefix) + 1)
-    if min_prompt + len(response_ids) + 1 <= max_length:
-        keep = max_length - len(response_ids) - 1
+    if min_prompt + len(response_ids) + len(end) <= max_length:
+        keep = max_length - len(response_ids) - len(end)
         cut = prefix + _tail(prompt_ids, keep - len(prefix))
-        return cut + response_ids + [eos], [IGNORE_INDEX] * len(cut) + response_ids + [eos], True
+        return cut + response_ids + end, [IGNORE_INDEX] * len(cut) + response_ids + end, True
     cut = prefix[:min_prompt] + _tail(prompt_ids, min_prompt - len(prefix))
     room = max_length - len(cut)
     if room <= 0:
@@ -295,6 +355,10 @@ def tokenize_example(prefix: list[int], prompt_ids: list[int], response_ids: lis
     resp = response_ids[:room]
     return cut + resp, [IGNORE_INDEX] * len(cut) + resp, True
 
+
+def generation_prompt(prefix: list[int], prompt_ids: list[int], max_length: int) -> list[int]:
+    """The prompt as generation sees it: ``prefix + prompt``, cut from the left (prefix kept) to ``max_length``."""
+    return prefix + _tail(prompt_ids, max(max_length - len(prefix), 1))
 
 
 def _empty_error(d: dict, split: str, why: str) -> RlkdError:
@@ -304,7 +368,7 @@ def _empty_error(d: dict, split: str, why: str) -> RlkdError:
 
 def _fingerprint(d: dict, split: str, examples: list[dict], tokenizer, limit: int | None) -> str:
     """A hash of everything the tokenized split depends on."""
-    from rlkd_cli.data.tokenizer import fingerprint as tokenizer_fingerprint
+    from rlkd_cli.data.identity import fingerprint as tokenizer_fingerprint
 
     h = hashlib.sha256()
     h.update(json.dumps({"version": TOKENIZATION_VERSION, "kind": d["kind"], "max_length": d["max_length"],
@@ -315,6 +379,8 @@ def _fingerprint(d: dict, split: str, examples: list[dict], tokenizer, limit: in
             b = text.encode("utf-8", "surrogatepass")
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
+        if ex.get("eos") is False:
+            h.update(b"\x00no-eos")
     return h.hexdigest()[:20]
 
 
@@ -330,7 +396,9 @@ def _map(ds, fn, fingerprint: str, cache: Path | None, **kwargs):
 
 
 def _tokenize_pairs(d: dict, split: str, examples: list[dict], tokenizer, fp: str, cache: Path | None):
-    """Prompt/response examples -> one training sequence each (:func:`tokenize_example`)."""
+    """Prompt/response examples -> one training sequence each (:func:`tokenize_example`), plus ``prompt_ids``:
+    the whole prompt (cut only to ``max_length - 1``), which on-policy rollouts generate from, since the
+    training sequence's prompt may have been cut to make room for a reference response they do not use."""
     import datasets
 
     eos, prefix, max_length = _eos_id(tokenizer), _bos_prefix(tokenizer), d["max_length"]
@@ -338,18 +406,20 @@ def _tokenize_pairs(d: dict, split: str, examples: list[dict], tokenizer, fp: st
     def encode(batch: dict) -> dict:
         prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
         responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
-        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
-        for p_ids, r_ids in zip(prompts, responses):
-            seq = tokenize_example(prefix, p_ids, r_ids, eos, max_length)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "prompt_ids": []}
+        for p_ids, r_ids, add_eos in zip(prompts, responses, batch["eos"]):
+            seq = tokenize_example(prefix, p_ids, r_ids, eos, max_length, add_eos=add_eos)
             if seq is not None:
                 out["input_ids"].append(seq[0])
                 out["labels"].append(seq[1])
                 out["truncated"].append(seq[2])
+                out["prompt_ids"].append(generation_prompt(prefix, p_ids, max_length - 1))
         return out
 
     raw = datasets.Dataset.from_dict({"prompt": [e["prompt"] for e in examples],
-                                      "response": [e["response"] for e in examples]})
-    ds = _map(raw, encode, fp, cache, remove_columns=["prompt", "response"], batch_size=1000)
+                                      "response": [e["response"] for e in examples],
+                                      "eos": [e.get("eos", True) for e in examples]})
+    ds = _map(raw, encode, fp, cache, remove_columns=["prompt", "response", "eos"], batch_size=1000)
     n = len(ds)
     if n == 0:
         raise _empty_error(d, split, f"all {len(examples)} examples were dropped (max_length={max_length} "
@@ -460,5 +530,5 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-__all__ = ["DEFAULTS", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
-           "dataset_cfg", "load_examples", "load_rows", "metric_name", "tokenize_example"]
+__all__ = ["DEFAULTS", "ENDED_COLUMN", "check", "IGNORE_INDEX", "KINDS", "METRICS", "SPLITS", "TokenizedSplit", "build_split", "collate",
+           "dataset_cfg", "generated_by", "generation_prompt", "is_embedded", "load_examples", "load_rows", "metric_name", "tokenize_example"]

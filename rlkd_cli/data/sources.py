@@ -8,6 +8,7 @@ a UTF-8 byte-order mark accepted (:func:`rlkd_cli.io.jsonl_lines`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -31,6 +32,16 @@ class _Rows:
     rows: list[dict]
     source: str  # for messages: a file path, a hub id or "the synthetic generator"
     num_malformed: int = 0
+    lines: list[str] | None = None  # for messages: each row's "file:line" (rows read from files)
+
+    def where(self, i: int) -> str:
+        """Where row ``i`` came from, for a message: ``file:line``, else ``row N of SOURCE``."""
+        return self.lines[i] if self.lines is not None else f"row {i + 1} of {self.source}"
+
+    def take(self, start: int, stop: int | None) -> "_Rows":
+        """Rows ``start:stop``, their locations alongside."""
+        lines = self.lines[start:stop] if self.lines is not None else None
+        return _Rows(self.rows[start:stop], self.source, self.num_malformed, lines)
 
 
 def _check_split(split: str) -> None:
@@ -87,6 +98,7 @@ def _read_file(path: Path, name: str, skip_malformed: bool) -> _Rows:
             require(rows, f"dataset '{name}': {path} is empty (no rows); check dataset.path")
             return _Rows(rows, str(path), bad)
     rows: list[dict] = []
+    lines: list[str] = []
     bad = 0
     for lineno, line in jsonl_lines(text):
         if not line.strip():
@@ -103,10 +115,11 @@ def _read_file(path: Path, name: str, skip_malformed: bool) -> _Rows:
             bad += 1
             continue
         rows.append(row)
+        lines.append(f"{path}:{lineno}")
     if bad:
         log.warning("dataset '%s': skipped %d malformed line(s) in %s", name, bad, path)
     require(rows, f"dataset '{name}': {path} has no valid rows ({bad} malformed); check dataset.path")
-    return _Rows(rows, str(path), bad)
+    return _Rows(rows, str(path), bad, lines)
 
 
 def _folder_files(folder: Path, split: str, cfg: dict) -> list[Path]:
@@ -149,13 +162,13 @@ def _carve(cfg: dict, split: str, available: set[str], read: Callable[[str], _Ro
             f"dataset '{name}': {where} has {len(rows)} train rows, too few to carve validation_size={n_val}"
             + (f" and test_size={n_test}" if n_test else "") + " rows; lower dataset.validation_size")
     end_train = len(rows) - n_val - n_test
-    parts = {"train": rows[:end_train], "validation": rows[end_train:end_train + n_val],
-             "test": rows[end_train + n_val:]}
-    return _Rows(parts[split], got.source, got.num_malformed)
+    parts = {"train": (0, end_train), "validation": (end_train, end_train + n_val), "test": (end_train + n_val, None)}
+    return got.take(*parts[split])
 
 
-def _read_single_file(cfg: dict, split: str, path: Path) -> _Rows:
+def _read_single_file(cfg: dict, split: str, path: Path, check: Callable[[_Rows], None]) -> _Rows:
     got = _read_file(path, cfg["name"], cfg["skip_malformed"])
+    check(got)
     if split == "test":
         return got
     n_val = cfg["validation_size"]
@@ -164,19 +177,21 @@ def _read_single_file(cfg: dict, split: str, path: Path) -> _Rows:
             f"rows apart from train; lower dataset.validation_size")
     n_val = min(n_val, len(got.rows))
     cut = len(got.rows) - n_val
-    rows = got.rows[:cut] if split == "train" else got.rows[cut:]
-    return _Rows(rows, got.source, got.num_malformed)
+    return got.take(0, cut) if split == "train" else got.take(cut, None)
 
 
-def _read_folder(cfg: dict, split: str, folder: Path) -> _Rows:
+def _read_folder(cfg: dict, split: str, folder: Path, check: Callable[[_Rows], None]) -> _Rows:
     found = {s: _folder_files(folder, s, cfg) for s in SPLITS}
     available = {s for s, files in found.items() if files}
     listing = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _FILE_SUFFIXES)) or "none"
 
     def read(s: str) -> _Rows:
         parts = [_read_file(p, cfg["name"], cfg["skip_malformed"]) for p in found[s]]
-        return _Rows([r for part in parts for r in part.rows], ", ".join(p.source for p in parts),
-                     sum(p.num_malformed for p in parts))
+        lines = [loc for part in parts for loc in (part.lines or [part.source] * len(part.rows))]
+        got = _Rows([r for part in parts for r in part.rows], ", ".join(p.source for p in parts),
+                    sum(p.num_malformed for p in parts), lines)
+        check(got)
+        return got
 
     return _carve(cfg, split, available, read, f"{folder} (data files: {listing})")
 
@@ -187,20 +202,65 @@ def _hub_error(hub_id: str, e: BaseException) -> RlkdError:
                      f"point dataset.path at a local file or folder [{type(e).__name__}: {detail}]")
 
 
-def _read_hub(cfg: dict, split: str, hub_id: str, hub_config: str | None) -> _Rows:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint accepts a connection (one quick try; behind a proxy it is assumed to)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_quietly():
+    """Load from the hub without its retry warnings (five "Retrying in Ns" lines before rlkd's one error line),
+    and offline (the local cache only, at once) when the hub cannot be reached."""
+    import datasets
+    from huggingface_hub import constants
+
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [lg.level for lg in loggers]
+    offline = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    if not _hub_reachable():
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = offline
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _read_hub(cfg: dict, split: str, hub_id: str, hub_config: str | None, check: Callable[[_Rows], None]) -> _Rows:
     available = {s for s in SPLITS if cfg["splits"].get(s)}
 
     def read(s: str) -> _Rows:
         try:
             import datasets
 
-            ds = datasets.load_dataset(hub_id, hub_config, split=cfg["splits"][s])
+            with _hub_quietly():
+                ds = datasets.load_dataset(hub_id, hub_config, split=cfg["splits"][s])
             rows = ds.to_list()
         except RlkdError:
             raise
         except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one clear line
             raise _hub_error(hub_id, e) from e
-        return _Rows(rows, f"hub dataset {hub_id}" + (f" ({hub_config})" if hub_config else ""))
+        got = _Rows(rows, f"hub dataset {hub_id}" + (f" ({hub_config})" if hub_config else ""))
+        check(got)
+        return got
 
     return _carve(cfg, split, available, read, f"hub dataset '{hub_id}'")
 
@@ -232,22 +292,26 @@ def locate(cfg: dict) -> tuple[str, Any]:
     return "hub", path
 
 
-def load(cfg: dict, split: str) -> _Rows:
+def load(cfg: dict, split: str, check: Callable[[_Rows], None] | None = None) -> _Rows:
+    """The rows of ``split``; ``check`` sees the rows as read (a whole file, folder split or hub split), before
+    any split is carved from them or counted, so a wrong column is reported before a row count."""
     _check_split(split)
+    check = check or (lambda got: None)
     kind, where = locate(cfg)
     if kind == "synthetic":
         rows = _synthetic_splits(int(cfg["num_train"]), int(cfg["num_validation"]), int(cfg["num_test"]),
                                  int(cfg["seed"]))[split]
         got = _Rows([dict(r) for r in rows], "the synthetic generator")
+        check(got)
     elif kind == "folder":
-        got = _read_folder(cfg, split, where)
+        got = _read_folder(cfg, split, where, check)
     elif kind == "file":
-        got = _read_single_file(cfg, split, where)
+        got = _read_single_file(cfg, split, where, check)
     else:
         hub_config = cfg["hub_config"] if where == cfg["hub_id"] else None
-        got = _read_hub(cfg, split, where, hub_config)
+        got = _read_hub(cfg, split, where, hub_config, check)
     if cfg["limit"] is not None:
-        got.rows = got.rows[: cfg["limit"]]
+        got = got.take(0, cfg["limit"])
     return got
 
 

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from rlkd_cli.data.identity import fingerprint
 from rlkd_cli.errors import RlkdError
 from rlkd_cli.io import atomic_dir, file_lock
 
@@ -206,7 +207,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, *,
 
 
 def for_run(cfg, model_cfgs: list):
-    """The run's tokenizer: ``tokenizer.name_or_path``, else the first pretrained model's, else the embedded BPE.
+    """The run's tokenizer: ``tokenizer.name_or_path``, else the first pretrained model's, else a BPE of
+    ``tokenizer.vocab_size`` built here: the embedded one for the embedded task, or one trained on the data
+    set's train text for any other (:func:`data_tokenizer`), so models built from scratch on real text do not
+    read it through merges made for the synthetic task.
 
     ``model_cfgs``: ``(role, model config)`` pairs, in order of preference (errors name ``<role>.name_or_path``).
     """
@@ -220,22 +224,37 @@ def for_run(cfg, model_cfgs: list):
     for role, mc in model_cfgs:
         if mc is not None and mc.get("name_or_path"):
             return load_tokenizer(str(mc.get("name_or_path")), config_key=f"{role}.name_or_path")
-    return embedded_tokenizer(Path(os.path.expanduser(str(cfg.cache_dir))), int(cfg.tokenizer.vocab_size))
+    from rlkd_cli.data import dataset
+
+    cache_dir = Path(os.path.expanduser(str(cfg.cache_dir)))
+    if cfg.get("dataset") is not None and not dataset.is_embedded(cfg.dataset):
+        return data_tokenizer(cache_dir, cfg.dataset, int(cfg.tokenizer.vocab_size))
+    return embedded_tokenizer(cache_dir, int(cfg.tokenizer.vocab_size))
 
 
-def fingerprint(tokenizer) -> str:
-    """A hash of what the tokenizer does: its full serialised definition (``tokenizer.json``: vocabulary,
-    merges, normaliser, pre-tokeniser, added tokens) and its special tokens; the vocabulary for a slow one."""
+def data_tokenizer(cache_dir: Path, dataset_cfg, vocab_size: int):
+    """A byte-level BPE (:func:`train_bpe_tokenizer`) trained on the data set's train prompts and responses,
+    cached under ``<cache_dir>/tokenizers/data-<hash of the texts and vocab_size>`` (locked, renamed into place)."""
     import hashlib
-    import json
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        body = backend.to_str()
-    else:  # a slow (Python) tokenizer: its vocabulary
-        body = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
-    special = json.dumps({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True)
-    return hashlib.sha256((body + "\n" + special).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    from transformers import PreTrainedTokenizerFast
+
+    from rlkd_cli.data import dataset
+
+    texts = [ex["prompt"] + ex["response"] for ex in dataset.load_examples(dataset_cfg, "train")]
+    h = hashlib.sha256(str(vocab_size).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+    path = cache_dir / "tokenizers" / f"data-{h.hexdigest()[:16]}"
+    if not _is_complete(path):
+        with file_lock(path.parent / f".{path.name}.lock"):
+            if not _is_complete(path):
+                log.info("training a tokenizer (vocab %d) on the %d train examples of the data set into %s",
+                         vocab_size, len(texts), path)
+                tok = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+                with atomic_dir(path) as tmp:
+                    tok.save_pretrained(str(tmp))
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def same_vocabulary(a, b) -> bool:
@@ -262,6 +281,6 @@ def check_model_tokenizer(path: str, tokenizer, *, role: str) -> None:
                         f"tokenizer.name_or_path to the one they were trained with")
 
 
-__all__ = ["EOS_TOKEN", "PAD_TOKEN", "TOKENIZER_FILES", "check_model_tokenizer", "embedded_tokenizer",
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "TOKENIZER_FILES", "check_model_tokenizer", "data_tokenizer", "embedded_tokenizer",
            "embedded_tokenizer_dir", "fingerprint", "for_run", "load_tokenizer", "same_vocabulary",
            "train_bpe_tokenizer"]

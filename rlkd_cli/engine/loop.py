@@ -174,7 +174,8 @@ def setup(cfg: DictConfig, runtime: Runtime, tokenizer, teacher: TeacherSource |
     rollout.check(rc, teacher_cache=teacher is not None and not hasattr(teacher, "model"),
                   dataset_kind=str(cfg.dataset.kind), sharded=runtime.sharded)
     batches = rollout.make_source(rc, DatasetBatches(loader, sampler, int(tc.grad_accum)), trainer=trainer,
-                                  tokenizer=tokenizer, seed=int(cfg.seed), max_length=int(cfg.dataset.max_length))
+                                  tokenizer=tokenizer, seed=int(cfg.seed), max_length=int(cfg.dataset.max_length),
+                                  prompts=train_split.dataset)
     return Setup(trainer=trainer, tokenizer=tokenizer, train=train_split, val_batches=val_batches, batches=batches,
                  ks=ks, role=role, label=label)
 

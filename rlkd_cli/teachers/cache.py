@@ -132,10 +132,11 @@ class TeacherCache:
                 f"teacher cache '{path}' has format {meta.get('format')}, this rlkd reads format {FORMAT}; "
                 "rebuild it with this version's rlkd cache-teacher")
         if meta.get("status") != "complete":
-            done = sum(len(s.get("shards_done", [])) for s in meta.get("splits", {}).values())
-            total = sum(int(s.get("num_shards", 0)) for s in meta.get("splits", {}).values())
+            done, total = _shards_on_disk(root, meta)
             raise RlkdError(f"teacher cache '{path}' is incomplete ({done}/{total} shards); finish it by running the "
-                            f"same rlkd cache-teacher command again with cache.out={path}")
+                            f"same rlkd cache-teacher command again with cache.out={path} (it keeps the {done} "
+                            "finished shards)")
+        _check_shards(root, meta)
         cache = cls(root, meta)
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != meta.get("tokenizer"):
             raise RlkdError(f"teacher cache '{path}' was built with another tokenizer ({meta.get('tokenizer_name')}); "
@@ -200,9 +201,12 @@ class TeacherCache:
         try:
             handle = safe_open(str(path), framework="pt")
             offsets = handle.get_tensor("offsets")
+            identity = (handle.metadata() or {}).get("identity", "")
         except Exception as e:  # a missing or damaged shard file
             raise RlkdError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache (rlkd "
                             "cache-teacher) or restore the file") from e
+        if identity != expected_identity(self.meta, split):
+            raise _foreign_shard(path, self.root)
         self._handles[key] = (handle, offsets)
         if len(self._handles) > OPEN_SHARDS:
             self._handles.popitem(last=False)
@@ -232,6 +236,56 @@ class TeacherCache:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
+
+
+#: The keys of cache.json that a shard's identity hashes (what :func:`build` calls the cache's identity).
+IDENTITY_KEYS = ("format", "top_k", "dtype", "temperatures", "shard_examples", "teacher_signature", "tokenizer",
+                 "vocab_size")
+
+
+def expected_identity(meta: dict[str, Any], split: str) -> str:
+    """The identity every shard of ``split`` must carry in a cache described by ``meta`` (its cache.json)."""
+    info = meta.get("splits", {}).get(split, {})
+    return shard_identity({k: meta.get(k) for k in IDENTITY_KEYS}, split, str(info.get("fingerprint")))
+
+
+def _foreign_shard(path: Path, root: Path) -> RlkdError:
+    return RlkdError(f"teacher cache shard {path} was written by another teacher, tokenizer, data set or cache "
+                     f"settings than {root / META} describes (its identity differs); rebuild that cache folder with "
+                     "rlkd cache-teacher, or put the shard back in the cache it came from")
+
+
+def _check_shards(root: Path, meta: dict[str, Any]) -> None:
+    """Every shard of a complete cache carries the identity its cache.json implies (headers only: cheap), so a
+    folder mixing two teachers' shards is refused before training, not read as one teacher."""
+    from safetensors import safe_open
+
+    for split, info in meta.get("splits", {}).items():
+        ident = expected_identity(meta, split)
+        for i in range(int(info.get("num_shards", 0))):
+            path = root / split / shard_name(i)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    found = (f.metadata() or {}).get("identity", "")
+            except Exception as e:  # a missing or damaged shard file
+                raise RlkdError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache (rlkd "
+                                "cache-teacher) or restore the file") from e
+            if found != ident:
+                raise _foreign_shard(path, root)
+
+
+def _shards_on_disk(root: Path, meta: dict[str, Any]) -> tuple[int, int]:
+    """``(complete shards of this cache on disk, shards it needs)``: counted from the files, since a killed
+    build may have renamed shards into place after cache.json was last written."""
+    done = total = 0
+    per = int(meta.get("shard_examples", 0) or 0)
+    for split, info in meta.get("splits", {}).items():
+        n, shards = int(info.get("num_examples", 0)), int(info.get("num_shards", 0))
+        total += shards
+        ident = expected_identity(meta, split)
+        done += sum(_shard_complete(root / split / shard_name(i), min(per, n - i * per), ident)
+                    for i in range(shards)) if per else len(info.get("shards_done", []))
+    return done, total
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def training_config(cfg: DictConfig) -> DictConfig:
         "cache_dir": cfg.cache_dir,
         "tokenizer": cfg.tokenizer,
         "metrics": cfg.metrics,
-        "teacher": {k: v for k, v in cfg.teacher.items() if k not in ("train_if_missing", "cache")},
+        "teacher": {k: v for k, v in cfg.teacher.items()
+                    if k not in ("train_if_missing", "cache", "allow_tiny_on_real_data")},
         # the task's whole training data: dataset.limit chooses what a run uses, not what its teacher learned
         "dataset": OmegaConf.merge(cfg.dataset, {"limit": None}),
         "loss": load_group_option("loss", "ce"),
@@ -88,8 +89,22 @@ def cached_path(cfg: DictConfig, tokenizer) -> Path:
     return Path(os.path.expanduser(str(cfg.cache_dir))) / "teachers" / f"{name}-{cache_key(cfg, tokenizer)}"
 
 
+def check_allowed(cfg: DictConfig) -> None:
+    """The tiny teacher teaches the embedded task; on any other data set it is refused unless asked for
+    (``teacher.allow_tiny_on_real_data=true``): 1.5M parameters and a few hundred steps make a teacher whose
+    students look like a failed method."""
+    if dataset.is_embedded(cfg) or bool(cfg.teacher.get("allow_tiny_on_real_data", False)):
+        return
+    name = cfg.dataset.get("name", "?")
+    raise RlkdError(f"dataset '{name}' needs a teacher: without teacher.name_or_path the embedded tiny teacher "
+                    f"(a toy for the synthetic task) would be trained on it; pass teacher.name_or_path=PATH (a model "
+                    f"folder or hub id; `rlkd sft dataset={name} teacher.name_or_path=BASE` fine-tunes one), or set "
+                    "teacher.allow_tiny_on_real_data=true to train the tiny teacher on it anyway")
+
+
 def ensure_trained(cfg: DictConfig, tokenizer, runtime) -> Path:
     """The folder of the trained tiny teacher; trained and cached first if it is missing."""
+    check_allowed(cfg)
     require(cfg.teacher.get("train_if_missing") is not None,
             "a teacher built from an arch spec needs a train_if_missing block (an untrained teacher teaches "
             "nothing); set teacher.name_or_path to a trained model, or use teacher=tiny")
@@ -106,7 +121,7 @@ def ensure_trained(cfg: DictConfig, tokenizer, runtime) -> Path:
         for leftover in path.parent.glob(f".tmp-{path.name}-*"):
             log.warning("Removing %s, left by an interrupted teacher training", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
-        dataset.check_found(cfg)  # a missing data set is one line now, not after "training it now"
+        dataset.check(cfg)  # a missing, empty or malformed data set is one line now, not after "training it now"
         log.warning("The teacher checkpoint %s is missing: training it now with the sft engine "
                     "(first use only; later runs and sweep jobs reuse it).", path)
         with atomic_dir(path) as tmp:
