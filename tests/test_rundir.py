@@ -242,7 +242,7 @@ def test_a_second_ctrl_c_aborts_at_once():
 @pytest.mark.slow
 def test_ctrl_c_stops_generate_with_how_to_continue(tmp_path):
     run = tmp_path / "gen"
-    args = ["generate", *TEACHER_ONLY, "dataset.limit=48", "generation.batch_size=2", f"hydra.run.dir={run}"]
+    args = ["generate", *TEACHER_ONLY, "split=train", "limit=48", "dataset.limit=48", "generation.batch_size=2", f"hydra.run.dir={run}"]
     proc = _start(*args)
     _wait_for_lines(run / "generations.jsonl", 1, proc)
     proc.send_signal(signal.SIGINT)
